@@ -1,0 +1,32 @@
+"""User mistakes end with exit code 2 and one line naming the culprit; tracebacks are for our bugs."""
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, data row, config field, shape), not a bug."""
+
+
+def exit_on_user_error(fn):
+    """Run `fn`; turn a UserError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"cpe-jax: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def require_path(path, what="path"):
+    """Return `path` as a string, or raise a UserError naming it when it does not exist."""
+    import os
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{what} does not exist: {path}")
+    return path
