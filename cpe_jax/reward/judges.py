@@ -7,11 +7,22 @@ a Python callable (tests, PersonaWorld's programmatic teacher), an OpenAI-compat
 or an in-framework Flax model through the sampler.
 """
 
+import concurrent.futures
 import dataclasses
+import functools
+import logging
+import os
+import random
+import threading
+import time
 from typing import Callable, Optional, Protocol, Sequence, Union
+
+from cpe_jax.errors import UserError
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Conversation = list  # list[Message]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -53,3 +64,161 @@ class CallableJudge:
             out = self.fn(conversation)
             replies.append(out if isinstance(out, JudgeReply) else JudgeReply(text=str(out)))
         return replies
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI-compatible HTTP judge: OpenAI itself, or vLLM / SGLang / any server speaking
+# POST /v1/chat/completions.
+
+_RETRYABLE_STATUS = frozenset({408, 409, 429})  # and every 5xx
+_LOGPROB_CANDIDATES = 5
+
+
+def backoff_delay(attempt, base, cap, retry_after=None, rng=random):
+    """Seconds to wait before retry number `attempt` (0-based): base * 2**attempt, jittered, <= cap.
+
+    The jitter draws from [delay/2, delay] so that many workers rate-limited together do not retry
+    in lockstep; a server's Retry-After is honoured as a floor, still capped.
+    """
+    delay = min(cap, base * 2.0**attempt)
+    delay = rng.uniform(delay / 2, delay)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
+
+
+class HTTPJudge:
+    """ChatJudge over an OpenAI-compatible server, with bounded concurrency and retries.
+
+    Up to `max_concurrency` requests are in flight at once; replies keep the order of the
+    conversations. 429, 408, 409, 5xx, timeouts and connection errors are retried up to
+    `max_retries` times with jittered exponential backoff (base `backoff_base` s, at most
+    `backoff_max` s). Once retries are exhausted, or when the server answers with something that
+    is not a chat completion, the reply is `JudgeReply(text="")`: the GRM parser marks it invalid,
+    so it is masked and counted like any unreadable judgement instead of crashing a whole RL step;
+    `num_failed` counts such replies and each one is logged. Any other 4xx (wrong key, model name
+    or URL, request too long) cannot be fixed by retrying and raises a one-line UserError.
+
+    The API key is read from the environment variable `api_key_env` (None: a server without
+    authentication); it is never logged and is scrubbed from error messages.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        base_url,
+        api_key_env="OPENAI_API_KEY",
+        max_concurrency=8,
+        max_retries=5,
+        timeout=60.0,
+        backoff_base=0.5,
+        backoff_max=30.0,
+    ):
+        import openai
+
+        if max_concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff_base < 0 or backoff_max < 0:
+            raise UserError(
+                "HTTPJudge needs max_concurrency >= 1, max_retries >= 0, timeout > 0 and backoffs >= 0, got "
+                f"max_concurrency={max_concurrency}, max_retries={max_retries}, timeout={timeout}, "
+                f"backoff_base={backoff_base}, backoff_max={backoff_max}"
+            )
+        if api_key_env is None:
+            api_key = "EMPTY"  # the placeholder vLLM and SGLang accept when they run without a key
+        else:
+            api_key = os.environ.get(api_key_env, "")
+            if not api_key:
+                raise UserError(
+                    f"environment variable {api_key_env} is not set: it must hold the API key of the judge "
+                    f"at {base_url} (use api_key_env=None for a server without authentication)"
+                )
+        self.model = model
+        self.base_url = base_url
+        self.max_concurrency = int(max_concurrency)
+        self.max_retries = int(max_retries)
+        self.backoff_base = float(backoff_base)
+        self.backoff_max = float(backoff_max)
+        self.num_failed = 0
+        self._api_key = api_key
+        self._lock = threading.Lock()
+        self._sleep = time.sleep
+        self._client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+
+    def __repr__(self):
+        return f"HTTPJudge(model={self.model!r}, base_url={self.base_url!r})"
+
+    def __call__(self, conversations, *, temperature=0.0, max_tokens=1024, want_logprobs=False):
+        conversations = list(conversations)
+        if not conversations:
+            return []
+        request = functools.partial(
+            self._complete, temperature=temperature, max_tokens=max_tokens, want_logprobs=want_logprobs
+        )
+        pool = concurrent.futures.ThreadPoolExecutor(min(self.max_concurrency, len(conversations)))
+        try:
+            return list(pool.map(request, conversations))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _complete(self, conversation, *, temperature, max_tokens, want_logprobs):
+        import openai
+
+        extra = {"logprobs": True, "top_logprobs": _LOGPROB_CANDIDATES} if want_logprobs else {}
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                completion = self._client.chat.completions.create(
+                    model=self.model,
+                    messages=conversation,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    **extra,
+                )
+                return self._reply(completion, want_logprobs)
+            except openai.APIConnectionError as e:  # includes timeouts
+                reason = type(e).__name__
+            except openai.APIStatusError as e:
+                if not (e.status_code in _RETRYABLE_STATUS or e.status_code >= 500):
+                    message = " ".join(str(e.message).split())[:300]
+                    raise UserError(
+                        self._scrub(f"judge {self.model!r} at {self.base_url} refused a request: {message}")
+                    ) from None
+                reason = f"HTTP {e.status_code}"
+                retry_after = _retry_after_seconds(e.response.headers)
+            if attempt < self.max_retries:
+                self._sleep(backoff_delay(attempt, self.backoff_base, self.backoff_max, retry_after))
+        return self._failed(f"no answer after {self.max_retries + 1} attempts (last: {reason})")
+
+    def _reply(self, completion, want_logprobs):
+        try:
+            choice = completion.choices[0]
+            text = choice.message.content or ""
+        except (AttributeError, IndexError, TypeError):
+            return self._failed("the server's answer is not a chat completion")
+        logprobs = None
+        if want_logprobs:
+            content = getattr(choice.logprobs, "content", None)
+            if content:
+                logprobs = {top.token: top.logprob for top in content[0].top_logprobs or []}
+        return JudgeReply(text=text, first_token_logprobs=logprobs)
+
+    def _failed(self, why):
+        with self._lock:
+            self.num_failed += 1
+        log.warning(self._scrub(f"judge {self.model!r} at {self.base_url}: {why}; the reply is left empty"))
+        return JudgeReply(text="")
+
+    def _scrub(self, message):
+        """Remove the API key from a message (servers sometimes echo it back)."""
+        if len(self._api_key) >= 6:
+            message = message.replace(self._api_key, "***")
+        return message
+
+
+def _retry_after_seconds(headers):
+    """The Retry-After header in seconds, when the server sent one as a number."""
+    try:
+        return max(0.0, float(headers.get("retry-after")))
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,328 @@
+"""Hugging Face <-> Flax parameters for Qwen2: ONE name/shape table, used in both directions.
+
+Loading streams tensor by tensor from `model.safetensors` or a sharded index: each tensor is
+memory-mapped, converted to our layout and placed straight into its target sharding, so host
+memory holds about one tensor at a time. Export writes safetensors shards (<= max_shard_size) with
+an index, `config.json`, `generation_config.json` when known, and the tokenizer files.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from cpe_jax.errors import UserError, require_path
+from cpe_jax.models.qwen2.model import Qwen2Config, Qwen2ForCausalLM
+from cpe_jax.sharding import logical_sharding
+
+log = logging.getLogger(__name__)
+
+# (Hugging Face name, our parameter path, layout). `{i}` is the layer index.
+PARAM_TABLE = (
+    ("model.embed_tokens.weight", "embed", "same"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q_kernel", "heads_in"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.q_bias", "heads_bias"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k_kernel", "heads_in"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.k_bias", "heads_bias"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v_kernel", "heads_in"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v_bias", "heads_bias"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o_kernel", "heads_out"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_kernel", "linear"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_kernel", "linear"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_kernel", "linear"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight", "same"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_norm.weight", "same"),
+    ("model.norm.weight", "final_norm.weight", "same"),
+    ("lm_head.weight", "lm_head", "linear"),
+)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+def to_flax(hf_array, layout, flax_shape):
+    """Convert a Hugging Face tensor (torch Linear weights are [out, in]) to our layout."""
+    if layout == "same":
+        return hf_array
+    if layout == "linear":
+        return hf_array.T
+    if layout == "heads_in":  # [H*D, E] -> [E, H, D]
+        return hf_array.T.reshape(flax_shape)
+    if layout == "heads_bias":  # [H*D] -> [H, D]
+        return hf_array.reshape(flax_shape)
+    if layout == "heads_out":  # [E, H*D] -> [H, D, E]
+        return hf_array.T.reshape(flax_shape)
+    raise ValueError(layout)
+
+
+def to_hf(flax_array, layout):
+    """Inverse of `to_flax`."""
+    if layout == "same":
+        return flax_array
+    if layout == "linear":
+        return flax_array.T
+    if layout == "heads_in":  # [E, H, D] -> [H*D, E]
+        return flax_array.reshape(flax_array.shape[0], -1).T
+    if layout == "heads_bias":
+        return flax_array.reshape(-1)
+    if layout == "heads_out":  # [H, D, E] -> [E, H*D]
+        return flax_array.reshape(-1, flax_array.shape[-1]).T
+    raise ValueError(layout)
+
+
+def hf_shape(layout, flax_shape):
+    return to_hf(np.empty(flax_shape, dtype=np.int8), layout).shape
+
+
+def name_map(config: Qwen2Config):
+    """[(hf_name, our_path, layout)] for this config, layers expanded, tied head dropped."""
+    rows = []
+    for hf_name, path, layout in PARAM_TABLE:
+        if path == "lm_head" and config.tie_word_embeddings:
+            continue
+        if "{i}" in hf_name:
+            rows += [(hf_name.format(i=i), path.format(i=i), layout) for i in range(config.num_hidden_layers)]
+        else:
+            rows.append((hf_name, path, layout))
+    return rows
+
+
+def _path_str(path):
+    return ".".join(str(p) for p in path)
+
+
+def abstract_model(config: Qwen2Config):
+    """(graphdef, {path: Variable with ShapeDtypeStruct}) without allocating any weights."""
+    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = {_path_str(path): var for path, var in nnx.to_flat_state(state)}
+    return graphdef, state, flat
+
+
+def param_sharding(var, mesh):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return logical_sharding(mesh, var.get_metadata()["logical_axes"], var.get_value().shape)
+
+
+def place(host_array, sharding):
+    """Put a host array into `sharding`, each device copying only its own slice."""
+    return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
+
+
+# ---- safetensors reading -----------------------------------------------------------------
+
+
+class SafetensorsReader:
+    """Tensor-by-tensor access to `model.safetensors` or a sharded checkpoint with an index."""
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        single = os.path.join(model_dir, "model.safetensors")
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise UserError(f"{index}: not a safetensors index ({e})") from None
+            self.files = {name: os.path.join(model_dir, fname) for name, fname in weight_map.items()}
+        elif os.path.exists(single):
+            self.files = {name: single for name in self._open(single).keys()}
+        else:
+            if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(model_dir)):
+                raise UserError(f"{model_dir}: only pickle weights found; cpe_jax reads safetensors only")
+            raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+        self._handles = {}
+
+    @staticmethod
+    def _open(path):
+        if not os.path.exists(path):
+            raise UserError(f"missing safetensors file {path}")
+        try:
+            return safe_open(path, framework="numpy")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+    def __contains__(self, name):
+        return name in self.files
+
+    def get(self, name):
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = self._open(path)
+        try:
+            return self._handles[path].get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read tensor {name} ({e})") from None
+
+    def first_dtype(self):
+        name = next(iter(self.files))
+        return self.get(name).dtype
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="tensor")
+
+
+def default_compute_dtype():
+    return "bfloat16" if jax.default_backend() == "tpu" else "float32"
+
+
+def load_hf(model_dir, *, dtype=None, param_dtype=None, mesh=None, progress=False):
+    """Load a Hugging Face Qwen2 directory into a sharded `Qwen2ForCausalLM`."""
+    require_path(model_dir, "model directory")
+    reader = SafetensorsReader(model_dir)
+    stored_dtype = jnp.dtype(reader.first_dtype()).name
+    config = Qwen2Config.from_pretrained(
+        model_dir,
+        dtype=dtype or default_compute_dtype(),
+        param_dtype=param_dtype or stored_dtype,
+    )
+    graphdef, state, flat = abstract_model(config)
+    rows = name_map(config)
+    for hf_name, path, layout in _progress(rows, len(rows), f"loading {model_dir}", progress):
+        if hf_name not in reader:
+            raise UserError(f"{model_dir}: missing tensor {hf_name}")
+        var = flat[path]
+        tensor = reader.get(hf_name)
+        want = hf_shape(layout, var.get_value().shape)
+        if tuple(tensor.shape) != tuple(want):
+            raise UserError(
+                f"{model_dir}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(want)}"
+            )
+        host = np.asarray(to_flax(tensor, layout, var.get_value().shape)).astype(var.get_value().dtype)
+        var.set_value(place(host, param_sharding(var, mesh)))
+    model = nnx.merge(graphdef, state)
+    model.generation_config = _read_json(os.path.join(model_dir, "generation_config.json"))
+    model.source_dir = os.path.abspath(model_dir)
+    return model
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+
+
+# ---- export ------------------------------------------------------------------------------
+
+
+def _parse_size(size):
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(size).upper())
+    if not m:
+        raise UserError(f"max_shard_size {size!r} is not a size like '5GB' or '500MB'")
+    return int(float(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)])
+
+
+def _host_array(array):
+    """Full host copy of one (possibly sharded, possibly multi-host) array."""
+    if not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
+def save_hf(model, out_dir, *, tokenizer_dir=None, max_shard_size="5GB", dtype=None, progress=False):
+    """Write `model` as a Hugging Face directory that transformers' Qwen2ForCausalLM loads."""
+    config = model.config
+    limit = _parse_size(max_shard_size)
+    _, state = nnx.split(model)
+    flat = {_path_str(path): var for path, var in nnx.to_flat_state(state)}
+    out_dtype = jnp.dtype(dtype or config.param_dtype)
+    rows = name_map(config)
+
+    # Plan shards from shapes first so file names know the shard count.
+    shards, current, current_size = [], [], 0
+    for row in rows:
+        size = int(np.prod(flat[row[1]].get_value().shape)) * out_dtype.itemsize
+        if current and current_size + size > limit:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(row)
+        current_size += size
+    shards.append(current)
+
+    is_writer = jax.process_index() == 0
+    if is_writer:
+        os.makedirs(out_dir, exist_ok=True)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
+    weight_map, total = {}, 0
+    bar = _progress(None, len(rows), f"writing {out_dir}", progress) if progress else None
+    for fname, shard in zip(names, shards):
+        tensors = {}
+        for hf_name, path, layout in shard:
+            host = _host_array(flat[path].get_value()).astype(out_dtype)
+            tensors[hf_name] = np.ascontiguousarray(to_hf(host, layout))
+            weight_map[hf_name] = fname
+            total += tensors[hf_name].nbytes
+            if bar is not None:
+                bar.update(1)
+        if is_writer:
+            save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        del tensors
+    if bar is not None:
+        bar.close()
+    if not is_writer:
+        return
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = out_dtype.name
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config:
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(generation_config, f, indent=2)
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        copy_tokenizer_files(tokenizer_dir, out_dir)
+
+
+def copy_tokenizer_files(src_dir, dst_dir):
+    for name in TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(dst_dir, name)):
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+
+
+# ---- one entry point for every format ----------------------------------------------------
+
+
+def load_model(path, *, dtype=None, param_dtype=None, mesh=None, progress=False):
+    """Load from a Hugging Face directory or an Orbax checkpoint written by cpe_jax."""
+    from cpe_jax import checkpoints
+
+    require_path(path, "model path")
+    if checkpoints.is_model_checkpoint(path):
+        return checkpoints.restore_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, progress=progress)
+    raise UserError(f"{path}: neither a Hugging Face model directory (config.json) nor a cpe_jax checkpoint")

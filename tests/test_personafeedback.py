@@ -1,0 +1,248 @@
+import collections
+import json
+import os
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cpe_jax.data import personafeedback as pf
+from cpe_jax.errors import UserError
+
+SAMPLE = "/work/shared/data/personafeedback_sample"
+if not os.path.isdir(SAMPLE):
+    SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "personafeedback_sample")
+RELEASE_FILES = {"easy": "general_easy.jsonl", "medium": "general_mid.jsonl", "hard": "general_hard.jsonl"}
+
+
+def _raw_rows(name):
+    with open(os.path.join(SAMPLE, "rm_benchmark_all", name), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _raw_persona(user_id):
+    with open(os.path.join(SAMPLE, "persona_all", f"{user_id}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+
+
+def _release_copy(root, edit=None):
+    """A writable copy of the sample's release layout; `edit(name, rows)` may alter a file's rows."""
+    for name in RELEASE_FILES.values():
+        rows = _raw_rows(name)
+        _write_jsonl(os.path.join(root, "rm_benchmark_all", name), edit(name, rows) if edit else rows)
+    os.makedirs(os.path.join(root, "persona_all"))
+    for name in os.listdir(os.path.join(SAMPLE, "persona_all")):
+        with open(os.path.join(SAMPLE, "persona_all", name), encoding="utf-8") as f:
+            text = f.read()
+        with open(os.path.join(root, "persona_all", name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return str(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# Release layout (the shared sample itself).
+
+
+def test_release_layout_sample():
+    pairs = pf.load_pairs(SAMPLE)
+    expected = [(tier, row) for tier, name in RELEASE_FILES.items() for row in _raw_rows(name)]
+    assert len(pairs) == len(expected) == 36
+    assert collections.Counter(p.tier for p in pairs) == {"easy": 12, "medium": 12, "hard": 12}
+    for pair, (tier, row) in zip(pairs, expected):
+        assert isinstance(pair, pf.PreferencePair)
+        assert (pair.user_id, pair.question, pair.chosen, pair.rejected) == (
+            row["user_id"], row["question"], row["chosen"], row["reject"]
+        )
+        assert pair.tier == tier and pair.category == "general"
+        assert pair.persona == _raw_persona(row["user_id"])  # names with spaces and Chinese resolve
+    assert pairs[0].source == "rm_benchmark_all/general_easy.jsonl:1"
+    assert pairs[-1].source == "rm_benchmark_all/general_hard.jsonl:12"
+
+
+def test_release_filters_and_aliases():
+    assert {p.tier for p in pf.load_pairs(SAMPLE, tiers=("mid",))} == {"medium"}
+    assert len(pf.load_pairs(SAMPLE, tiers=("easy", "hard"))) == 24
+    with pytest.raises(UserError, match="no PersonaFeedback pair files"):
+        pf.load_pairs(SAMPLE, categories=("specific",))  # the sample has no specific tier files
+    with pytest.raises(UserError, match="unknown tier 'extreme'"):
+        pf.load_pairs(SAMPLE, tiers=("extreme",))
+
+
+def test_no_files_at_all(tmp_path):
+    with pytest.raises(UserError, match="no PersonaFeedback files"):
+        pf.load_pairs(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        pf.load_pairs(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face layout, built from the sample rows.
+
+
+def _hf_fixture(root, specific_dir="spedific", ids_in_lines=False):
+    """The sample in the HF layout: integer user ids, personas in one JSONL file.
+
+    Returns the expected (persona, release row) per loaded pair, in load order.
+    """
+    user_ids = sorted({row["user_id"] for name in RELEASE_FILES.values() for row in _raw_rows(name)})
+    number = {uid: i + 1 for i, uid in enumerate(user_ids)}
+    persona_lines = [dict(_raw_persona(uid)) for uid in user_ids]
+    if ids_in_lines:  # lines carry their id and come in any order
+        for uid, line in zip(user_ids, persona_lines):
+            line["user_id"] = number[uid]
+        random.Random(0).shuffle(persona_lines)
+    _write_jsonl(os.path.join(root, "persona", "all_personas.jsonl"), persona_lines)
+    expected = []
+    for category, directory in (("general", "general"), ("specific", specific_dir)):
+        for tier, name in RELEASE_FILES.items():
+            rows = _raw_rows(name)[: 12 if category == "general" else 2]
+            hf_rows = [dict(row, user_id=number[row["user_id"]]) for row in rows]
+            if category == "specific" and tier == "hard":
+                hf_rows[0]["user_id"] = str(hf_rows[0]["user_id"])  # "7" is read as 7
+            _write_jsonl(os.path.join(root, "data", directory, f"{tier}.jsonl"), hf_rows)
+            expected += [(category, tier, number[r["user_id"]], _raw_persona(r["user_id"]), r) for r in rows]
+    return expected
+
+
+@pytest.mark.parametrize("specific_dir,ids_in_lines", [("spedific", False), ("specific", True)])
+def test_hf_layout(tmp_path, specific_dir, ids_in_lines):
+    expected = _hf_fixture(tmp_path, specific_dir, ids_in_lines)
+    pairs = pf.load_pairs(tmp_path)
+    assert len(pairs) == len(expected) == 36 + 6
+    for pair, (category, tier, number, persona, row) in zip(pairs, expected):
+        assert (pair.category, pair.tier, pair.user_id) == (category, tier, str(number))
+        assert pair.persona == persona
+        assert (pair.question, pair.chosen, pair.rejected) == (row["question"], row["chosen"], row["reject"])
+    assert pairs[-1].source == os.path.join("data", specific_dir, "hard.jsonl") + ":2"
+    assert len(pf.load_pairs(tmp_path, categories=("specific",), tiers=("medium",))) == 2
+
+
+def test_hf_unknown_user_id(tmp_path):
+    _hf_fixture(tmp_path)
+    path = tmp_path / "data" / "general" / "easy.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[4] = json.dumps(dict(json.loads(lines[4]), user_id=99999))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"general[/\\]easy\.jsonl:5: user_id 99999 has no persona"):
+        pf.load_pairs(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Broken rows: a UserError naming file and line, never a dropped row.
+
+
+def _edit_line(target, lineno, new):
+    def edit(name, rows):
+        if name != target:
+            return rows
+        rows = list(rows)
+        rows[lineno - 1] = new(rows[lineno - 1])
+        return rows
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "lineno,new,message",
+    [
+        (3, lambda row: json.dumps(row, ensure_ascii=False)[:80], ":3: bad JSON"),
+        (7, lambda row: {k: v for k, v in row.items() if k != "chosen"}, ":7: missing field 'chosen'"),
+        (2, lambda row: dict(row, reject=["a", "b"]), ":2: field 'reject' must be str, got list"),
+        (5, lambda row: dict(row, user_id="Nobody_0000"), r":5: persona file not found: .*Nobody_0000\.json"),
+        (6, lambda row: dict(row, user_id="../x"), ":6: field 'user_id'"),
+        (9, lambda row: "[1, 2]", ":9: expected a JSON object"),
+    ],
+)
+def test_broken_rows(tmp_path, lineno, new, message):
+    root = _release_copy(tmp_path, _edit_line("general_easy.jsonl", lineno, new))
+    with pytest.raises(UserError, match=r"rm_benchmark_all[/\\]general_easy\.jsonl" + message):
+        pf.load_pairs(root)
+
+
+def test_broken_persona_file(tmp_path):
+    root = _release_copy(tmp_path)
+    user_id = _raw_rows("general_mid.jsonl")[0]["user_id"]
+    with open(os.path.join(root, "persona_all", f"{user_id}.json"), "w", encoding="utf-8") as f:
+        f.write('{\n  "Name": "x",\n  "Age": \n}\n')
+    with pytest.raises(UserError, match=rf"{user_id}\.json:4: bad JSON"):
+        pf.load_pairs(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# RL prompts and the evaluation set.
+
+
+def test_rl_prompts_sample():
+    path = os.path.join(SAMPLE, "RL_data", "test_sample.parquet")
+    rows = pf.load_rl_prompts(path)
+    reference = pq.read_table(path).to_pylist()
+    assert len(rows) == len(reference) == 16
+    for row, ref in zip(rows, reference):
+        assert row == ref  # every column kept: data_source, extra_info.index, reward_model, ...
+        assert all(set(m) >= {"role", "content"} for m in row["prompt"])
+        assert isinstance(row["extra_info"]["index"], int)
+
+
+def test_rl_prompts_errors(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "hi"}], []]}), bad)
+    with pytest.raises(UserError, match=r"bad\.parquet: row 1: field 'prompt' is an empty message list"):
+        pf.load_rl_prompts(bad)
+    pq.write_table(pa.table({"question": ["hi"]}), bad)
+    with pytest.raises(UserError, match="row 0: missing field 'prompt'"):
+        pf.load_rl_prompts(bad)
+    text = tmp_path / "not.parquet"
+    text.write_text("hello")
+    with pytest.raises(UserError, match="not a readable parquet file"):
+        pf.load_rl_prompts(text)
+    with pytest.raises(UserError, match="does not exist"):
+        pf.load_rl_prompts(tmp_path / "missing.parquet")
+
+
+@pytest.mark.parametrize("name", ["mix_gpt-4o.jsonl", "mix_gpt-4o-mini.jsonl"])
+def test_eval_set_sample(name):
+    path = os.path.join(SAMPLE, "generate_data_300", name)
+    with open(path, encoding="utf-8") as f:
+        raw = [json.loads(line) for line in f if line.strip()]
+    examples = pf.load_eval_set(path)
+    assert len(examples) == len(raw) == 16
+    for i, (ex, row) in enumerate(zip(examples, raw), start=1):
+        assert (ex.question, ex.response) == (row["question"], row["response"])
+        assert ex.persona == json.loads(row["persona"]) and isinstance(ex.persona, dict)
+        assert ex.tier is None and ex.category is None and ex.source == f"{name}:{i}"
+
+
+def test_eval_set_optional_fields_and_errors(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    persona = {"Name": "Ada"}
+    _write_jsonl(path, [
+        {"question": "q1", "persona": persona, "response": "r1", "tier": "mid", "category": "spedific"},
+        {"question": "q2", "persona": json.dumps(persona), "response": "r2"},
+    ])
+    first, second = pf.load_eval_set(path)
+    assert (first.persona, first.tier, first.category) == (persona, "medium", "specific")
+    assert (second.persona, second.tier, second.category) == (persona, None, None)
+    for row, message in [
+        ({"question": "q", "persona": "{not json", "response": "r"}, "field 'persona' is not valid JSON"),
+        ({"question": "q", "persona": "[1]", "response": "r"}, "persona must be a JSON object"),
+        ({"question": "q", "persona": persona}, "missing field 'response'"),
+        ({"question": 3, "persona": persona, "response": "r"}, "field 'question' must be str"),
+    ]:
+        _write_jsonl(path, [{"question": "q", "persona": persona, "response": "r"}, row])
+        with pytest.raises(UserError, match=r"eval\.jsonl:2: " + message):
+            pf.load_eval_set(path)
+
+
+def test_format_persona():
+    persona = {"Name": "Ada", "Demographics": {"Age": 36, "Language": ["English", "中文"]}, "Bio": ""}
+    assert pf.format_persona(persona) == (
+        "Name: Ada\nDemographics:\n  Age: 36\n  Language:\n    - English\n    - 中文\nBio: "
+    )
