@@ -60,7 +60,7 @@ def save_model(model, out_dir, *, tokenizer_dir=None):
 
 def restore_model(path, *, dtype=None, param_dtype=None, mesh=None):
     """Restore a model checkpoint directly into the target sharding (no full host copy)."""
-    from cpe_jax.models.qwen2.model import Qwen2Config
+    from cpe_jax.models.qwen2.model import Qwen2Config, StaticDict
     from cpe_jax.models.qwen2.params import abstract_model, default_compute_dtype, param_sharding
 
     require_path(path, "checkpoint")
@@ -96,6 +96,99 @@ def restore_model(path, *, dtype=None, param_dtype=None, mesh=None):
             node = node[str(key)]
         var.set_value(node if node.dtype == jnp.dtype(config.param_dtype) else node.astype(config.param_dtype))
     model = nnx.merge(graphdef, state)
-    model.generation_config = meta.get("generation_config")
+    model.generation_config = StaticDict(meta["generation_config"]) if meta.get("generation_config") else None
     model.source_dir = os.path.abspath(path)
     return model
+
+
+# ---- training checkpoints ----------------------------------------------------------------------
+
+
+class TrainCheckpointer:
+    """Resumable training checkpoints: the state pytree (Orbax, async, keep-N) plus a JSON `extra`.
+
+    `extra` holds what resume needs beyond arrays: data position, RNG seed, the config. `restore`
+    places every array straight into the sharding of the abstract state it is given, so a large
+    model is never gathered on one host.
+    """
+
+    def __init__(self, directory, *, keep=3, async_save=True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self):
+        """The newest finished checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self):
+        return list(self._manager.all_steps())
+
+    def save(self, step, state, extra=None, *, force=False):
+        """Start saving `state` at `step` (returns once the arrays are copied off the devices)."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(dict(extra or {}))
+        )
+        return self._manager.save(int(step), args=args, force=force)
+
+    def restore(self, abstract_state, step=None):
+        """(state, extra) of `step` (default: latest), each array in `abstract_state`'s sharding."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"no training checkpoint in {self.directory}")
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()
+        )
+        try:
+            restored = self._manager.restore(int(step), args=args)
+        except (ValueError, KeyError) as e:
+            raise UserError(
+                f"{self.directory}: checkpoint of step {step} does not match this config ({e})"
+            ) from None
+        return restored.state, dict(restored.extra or {})
+
+    def wait(self):
+        """Block until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self):
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+class PreemptionGuard:
+    """`with PreemptionGuard() as guard:` a SIGTERM sets `guard.requested` instead of killing us.
+
+    The training loop checks the flag after each step, saves a checkpoint and exits cleanly (a TPU
+    preemption sends SIGTERM with a grace period). Outside the main thread no handler is installed.
+    """
+
+    def __init__(self, signals=None):
+        import signal
+
+        self.signals = tuple(signals or (signal.SIGTERM,))
+        self.requested = False
+        self._previous = {}
+
+    def request(self, signum=None, frame=None):
+        """The signal handler; also callable directly."""
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self.request)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False

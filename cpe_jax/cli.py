@@ -83,9 +83,226 @@ def _cmd_generate(argv):
     print(f"wrote {count} samples to {args.out}")
 
 
+def _cmd_eval(argv):
+    p = argparse.ArgumentParser(
+        prog="cpe-jax eval",
+        description="Win rate of a policy (or of a file of responses) against a baseline, judged "
+        "pairwise in both orders. Writes OUT/annotations.jsonl (resumable: a rerun only does the "
+        "missing examples), metrics.json (raw and length-controlled win rates overall, per tier and "
+        "specific/general), report.md and PNG plots.",
+    )
+    system = p.add_mutually_exclusive_group(required=True)
+    system.add_argument("--policy", metavar="PATH", help="model directory (Hugging Face or Orbax) to generate with")
+    system.add_argument("--responses", metavar="FILE", help="JSONL of responses to score instead "
+                        "(a `response` per row, aligned by line or by `question`)")
+    p.add_argument("--eval-set", required=True, metavar="FILE",
+                   help="JSONL rows {question, persona, response}; `response` is the baseline's")
+    p.add_argument("--baseline-responses", metavar="FILE", help="baseline responses from another JSONL file")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--judge", required=True, choices=["python", "http", "flax"])
+    p.add_argument("--judge-fn", metavar="MODULE:FUNCTION", help="--judge python: fn(conversation) -> str | JudgeReply")
+    p.add_argument("--base-url", help="--judge http: OpenAI-compatible server, e.g. https://api.openai.com/v1")
+    p.add_argument("--judge-model", metavar="NAME", help="--judge http: model name, e.g. gpt-4.1")
+    p.add_argument("--api-key-env", metavar="VAR", help="--judge http: environment variable holding the "
+                   "API key (default OPENAI_API_KEY; '' for a server without a key)")
+    p.add_argument("--judge-path", metavar="DIR", help="--judge flax: judge model directory")
+    p.add_argument("--judge-max-tokens", type=int, default=32, help="judge reply length (the verdict comes first)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="--judge http: requests in flight")
+    p.add_argument("--policy-prompt", choices=["paper", "persona_world"], default="paper")
+    p.add_argument("--language", choices=["en", "zh"], default="en", help="language of the prompt templates")
+    p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per policy response")
+    p.add_argument("--temperature", type=float, default=0.0, help="policy sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="examples generated and judged per chunk")
+    p.add_argument("--dtype", default=None, help="policy compute dtype (default: as loaded)")
+    p.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
+    args = p.parse_args(argv)
+
+    import logging
+    import os
+
+    from cpe_jax.data.personafeedback import load_eval_set
+    from cpe_jax.errors import require_path
+    from cpe_jax.eval import run
+    from cpe_jax.sampling import Sampler, SamplingParams
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.policy is None and (args.temperature != 0.0 or args.dtype is not None):
+        raise UserError("--temperature and --dtype apply to --policy only, not to --responses")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    examples = load_eval_set(args.eval_set)
+    judge, judge_label = run.build_judge(
+        args.judge, judge_fn=args.judge_fn, base_url=args.base_url, judge_model=args.judge_model,
+        api_key_env=args.api_key_env, judge_path=args.judge_path, max_concurrency=args.max_concurrency,
+    )
+    responses = run.read_responses(args.responses, examples) if args.responses else None
+    baseline = (
+        run.read_responses(args.baseline_responses, examples, "baseline responses file")
+        if args.baseline_responses else None
+    )
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    policy = None
+    if args.policy:
+        policy = Sampler.from_pretrained(require_path(args.policy, "policy directory"), dtype=args.dtype,
+                                         max_batch_size=args.batch_size)
+    metrics = run.evaluate(
+        examples, args.out, judge=judge, policy=policy, responses=responses, baseline=baseline,
+        sampling=sampling, policy_prompt=args.policy_prompt, language=args.language,
+        batch_size=args.batch_size, judge_max_tokens=args.judge_max_tokens, judge_label=judge_label,
+        policy_label=os.path.abspath(args.policy) if args.policy else os.path.abspath(args.responses),
+        baseline_label=os.path.abspath(args.baseline_responses or args.eval_set), fresh=args.fresh,
+    )
+    overall = metrics["overall"]
+    lc = overall.get("lc_win_rate")
+    print(
+        f"n={overall['n']} win rate {overall['win_rate']:.1f}%"
+        + (f", LC win rate {lc:.1f}%" if lc is not None else "")
+        + f"; report in {os.path.join(args.out, 'report.md')}"
+    )
+
+
+def _cmd_sft(argv):
+    """`cpe-jax sft --config=configs/sft.py --workdir=DIR [--config.a.b=v ...]` (SFT, GRM distillation, BT RM)."""
+    from cpe_jax import sft
+
+    return sft.main(argv)
+
+
+def _cmd_train(argv):
+    """`cpe-jax train --config=configs/X.py --workdir=DIR [--config.a.b=v ...]` (PPO / CPE)."""
+    from cpe_jax.rl.trainer import main
+
+    return main(argv)
+
+
+def _cmd_label(argv):
+    p = argparse.ArgumentParser(
+        prog="cpe-jax label",
+        description="Judge every row {persona, question, response} of IN with a teacher judge and "
+        "append GRM distillation rows {messages: GRM prompt + teacher output, valid, problem, input "
+        "fields} to OUT. Resumable: rows already in OUT (matched by `id`, else line number) are "
+        "skipped. Rows whose teacher output cannot be parsed are kept with valid=false; train on "
+        "valid rows only.",
+    )
+    from cpe_jax.reward.label import add_judge_arguments
+
+    add_judge_arguments(p)
+    p.add_argument("--input", required=True, metavar="IN.jsonl")
+    p.add_argument("--out", required=True, metavar="OUT.jsonl")
+    p.add_argument("--language", choices=["en", "zh"], default="en", help="language of the GRM prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="teacher sampling temperature")
+    p.add_argument("--max-tokens", type=int, default=1024, help="teacher reply length")
+    p.add_argument("--batch-size", type=int, default=16, help="rows judged (and flushed to OUT) together")
+    args = p.parse_args(argv)
+
+    import logging
+    import sys as _sys
+
+    from cpe_jax.errors import require_path
+    from cpe_jax.reward.label import judge_from_arguments, label, read_label_rows
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    read_label_rows(require_path(args.input, "input file"))  # every row checked before the judge starts
+    judge, judge_label = judge_from_arguments(args)
+    counts = label(judge, args.input, args.out, language=args.language, temperature=args.temperature,
+                   max_tokens=args.max_tokens, batch_size=args.batch_size, progress=_sys.stderr.isatty())
+    print(f"{judge_label}: {counts['labelled']} rows labelled, {counts['already_done']} already done, "
+          f"{counts['invalid']} of {counts['rows']} invalid; wrote {args.out}")
+
+
+def _cmd_rm_eval(argv):
+    p = argparse.ArgumentParser(
+        prog="cpe-jax rm-eval",
+        description="Pairwise accuracy of a reward model on PersonaFeedback (chosen scored above "
+        "rejected), per tier and specific/general; ties and unreadable GRM judgements count half. "
+        "Writes OUT/rm_eval.json, OUT/rm_eval.md and OUT/rm_eval_pairs.jsonl. With --repeat K, "
+        "each response is judged K times and judge stability is reported.",
+    )
+    from cpe_jax.reward.label import add_judge_arguments
+
+    p.add_argument("--data", required=True, metavar="ROOT", help="PersonaFeedback directory (either layout)")
+    p.add_argument("--rm", metavar="PATH", help="reward model directory (--rm-type bt, or a flax GRM)")
+    p.add_argument("--rm-type", required=True, choices=["grm", "bt"])
+    add_judge_arguments(p, required=False)
+    p.add_argument("--grm-mode", choices=["text", "expected"], default="text",
+                   help="flax GRM: parse written scores (text) or expected scores over -5..5")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--repeat", type=int, default=1, help="judge every response K times (stability)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="GRM temperature (default 0, or 0.9 - the critique temperature - with --repeat > 1)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="GRM reply length")
+    p.add_argument("--language", choices=["en", "zh"], default="en")
+    p.add_argument("--categories", default="general,specific")
+    p.add_argument("--tiers", default="easy,medium,hard")
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+
+    import logging
+    import os
+
+    from cpe_jax.data.personafeedback import load_pairs
+    from cpe_jax.errors import require_path
+    from cpe_jax.reward import rm_eval
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.repeat < 1 or args.batch_size < 1:
+        raise UserError(f"--repeat={args.repeat} and --batch-size={args.batch_size} must be >= 1")
+    pairs = load_pairs(args.data, categories=args.categories.split(","), tiers=args.tiers.split(","))
+    temperature = args.temperature if args.temperature is not None else (0.9 if args.repeat > 1 else 0.0)
+    info = {"rm_type": args.rm_type, "data": os.path.abspath(args.data), "repeat": args.repeat}
+    if args.rm_type == "bt":
+        if args.judge or args.repeat > 1 or not args.rm:
+            raise UserError("--rm-type bt needs --rm and takes no --judge or --repeat")
+        from cpe_jax.reward.bt import BTRewardModel
+        from cpe_jax.tokenizer import load_tokenizer
+
+        path = require_path(args.rm, "reward model directory")
+        scores = rm_eval.bt_pair_scores(BTRewardModel.load(path), load_tokenizer(path), pairs,
+                                        batch_size=args.batch_size, language=args.language)
+        info["rm"] = os.path.abspath(path)
+    else:
+        kind = args.judge or "flax"
+        if kind != "flax" and args.rm:
+            raise UserError(f"--rm is the flax GRM's directory; it cannot be used with --judge {kind}")
+        if kind != "flax" and args.grm_mode == "expected":
+            raise UserError("--grm-mode expected needs a flax GRM (--rm)")
+        if kind == "flax" and not (args.rm or args.judge_path):
+            raise UserError("--rm-type grm needs --rm (a flax GRM directory) or --judge python/http")
+        if kind == "flax" and args.grm_mode == "expected":
+            import cpe_jax
+            from cpe_jax.reward.flax_grm import FlaxGRMScorer
+            from cpe_jax.tokenizer import load_tokenizer
+
+            path = require_path(args.rm or args.judge_path, "GRM directory")
+            scorer = FlaxGRMScorer(cpe_jax.load_model(path), load_tokenizer(path), language=args.language,
+                                   temperature=temperature, max_tokens=args.max_tokens)
+            info["rm"] = f"flax-expected:{os.path.abspath(path)}"
+        else:
+            from cpe_jax.reward.grm import GRMScorer
+            from cpe_jax.reward.label import judge_from_arguments
+
+            args.judge = kind
+            judge, info["rm"] = judge_from_arguments(args, judge_path=args.rm)
+            scorer = GRMScorer(judge, language=args.language, temperature=temperature, max_tokens=args.max_tokens)
+        info["temperature"] = temperature
+        scores = rm_eval.grm_pair_scores(scorer, pairs, repeat=args.repeat, batch_size=args.batch_size)
+    metrics = rm_eval.evaluate(pairs, scores, args.out, info=info)
+    overall = metrics["accuracy"]["overall"]
+    print(f"n={overall['n']} accuracy {100 * overall['accuracy']:.1f}% (ties {overall['ties']}, "
+          f"invalid {overall['invalid']}); table in {os.path.join(args.out, 'rm_eval.md')}")
+
+
 COMMANDS = {
     "convert": (_cmd_convert, "convert checkpoints between Hugging Face and Orbax"),
     "generate": (_cmd_generate, "sample completions for a JSONL file of prompts"),
+    "sft": (_cmd_sft, "supervised training: SFT policy, GRM distillation, Bradley-Terry RM"),
+    "train": (_cmd_train, "PPO with Critique-Post-Edit (resumes from the latest checkpoint)"),
+    "eval": (_cmd_eval, "win rate of a policy or of responses against a baseline"),
+    "label": (_cmd_label, "teacher GRM judgements of responses: GRM distillation data"),
+    "rm-eval": (_cmd_rm_eval, "pairwise accuracy of a GRM or BT reward model on PersonaFeedback"),
 }
 
 

@@ -132,7 +132,7 @@ def sample_tokens(keys, logits, temperature: float = 1.0, top_k: int = 0, top_p:
     Returns (tokens [B] int32, logprobs [B] under the raw distribution, sampling_logprobs [B]
     under the processed distribution; 0 for greedy since the argmax has probability 1).
     """
-    raw_logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logits = logits.astype(jnp.float32)
     if temperature == 0:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         sampling_logprobs = jnp.zeros(tokens.shape, jnp.float32)
@@ -141,7 +141,9 @@ def sample_tokens(keys, logits, temperature: float = 1.0, top_k: int = 0, top_p:
         tokens = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
         chosen = jnp.take_along_axis(processed, tokens[:, None], axis=-1)[:, 0]
         sampling_logprobs = chosen - jax.nn.logsumexp(processed, axis=-1)
-    logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    # Gather-then-normalise: two reductions over the vocabulary, no [B, V] log-softmax.
+    chosen_logit = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    logprobs = chosen_logit - jax.nn.logsumexp(logits, axis=-1)
     return tokens, logprobs, sampling_logprobs
 
 
@@ -203,7 +205,7 @@ def _lm_logits(model, hidden):
     """Vocabulary logits of the final hidden states [B, E] -> [B, V] float32 (only the positions
     we sample from: prefill never materialises [B, P, V])."""
     cfg = model.config
-    head = model.embed.value.T if cfg.tie_word_embeddings else model.lm_head.value
+    head = model.embed[...].T if cfg.tie_word_embeddings else model.lm_head[...]
     return jnp.einsum(
         "be,ev->bv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32
     )
@@ -407,6 +409,10 @@ class Sampler:
             cfg_eos = cfg_eos if isinstance(cfg_eos, (tuple, list)) else (cfg_eos,)
             kwargs["eos_token_ids"] = tuple(dict.fromkeys(eos + tuple(cfg_eos)))
         return cls(model, tokenizer, mesh=mesh, **kwargs)
+
+    def set_state(self, state):
+        """Sample from new weights of the same structure (e.g. after a train step): no recompile."""
+        self.state = state
 
     # -- compiled pieces --
     def _traced_prefill(self, state, tokens, mask, keys, config):

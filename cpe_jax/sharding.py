@@ -53,8 +53,9 @@ def make_mesh(axes: dict, devices: Optional[Sequence] = None) -> Mesh:
             raise UserError(f"mesh {sizes}: {len(devices)} devices are not divisible by {fixed}")
         sizes[free[0]] = len(devices) // fixed
     total = math.prod(sizes.values())
-    if total != len(devices):
+    if total > len(devices):
         raise UserError(f"mesh {sizes} needs {total} devices but {len(devices)} are available")
+    devices = devices[:total]  # a fixed-size mesh may use a subset of the devices
     grid = np.asarray(devices, dtype=object).reshape([sizes[name] for name in MESH_AXES])
     return Mesh(grid, MESH_AXES)
 

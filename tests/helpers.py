@@ -51,3 +51,15 @@ def ragged_batch(vocab_size, lengths, width, *, left_pad, seed=0):
             mask[row, :n] = True
     tokens = np.where(mask, tokens, 0).astype(np.int32)
     return tokens, mask
+
+
+def make_persona_world_policy(path, *, seed=0, **model_kwargs):
+    """A tiny random Qwen2 policy with PersonaWorld's locally trained tokenizer, saved to `path`."""
+    from cpe_jax.data import persona_world as pw
+
+    tokenizer = pw.train_tokenizer(pw.make_world(0), str(path), vocab_size=1024, n_responses=400)
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, layers=2, heads=4,
+                  kv_heads=2, init_scale=0.02)
+    kwargs.update(model_kwargs)
+    make_hf_qwen2(path, seed=seed, **kwargs)
+    return tokenizer

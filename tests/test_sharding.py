@@ -16,6 +16,7 @@ from tests.helpers import make_hf_qwen2, ragged_batch
 def test_make_mesh_sizes_and_errors():
     mesh = make_mesh({"data": 2, "fsdp": -1})
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert make_mesh({"tensor": 2}).devices.size == 2  # fixed sizes may use a subset
     with pytest.raises(UserError, match="needs 16 devices"):
         make_mesh({"data": 4, "tensor": 4})
     with pytest.raises(UserError, match="'model'"):

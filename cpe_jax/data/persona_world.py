@@ -235,7 +235,6 @@ DRIFTS = {
 # Distinct suggestions + tips from which an answer counts as detailed (padding never counts).
 DETAILED_CONTENT = 4
 
-SCORE_WEIGHTS = {"helpfulness": 0.35, "personalization": 0.40, "naturalness": 0.25}
 PREFERENCE_TEMPERATURE = 0.5
 SHORTER_ON_TIE = 0.55  # P(shorter wins) when the combined scores are exactly equal
 
@@ -459,7 +458,14 @@ def _pick_items(attrs, category, n, quality, rng):
 
 
 def _persona_attrs(persona):
-    return persona["attributes"] if "attributes" in persona else persona
+    """Structured attributes of a persona dict, of an attributes dict, or of a rendering."""
+    if isinstance(persona, str):
+        return persona_from_text(persona)["attributes"]
+    if "attributes" in persona:
+        return persona["attributes"]
+    if "diet" in persona:
+        return persona
+    return persona_from_text(json.dumps(persona, ensure_ascii=False))["attributes"]
 
 
 def generate_response(world, persona, question, rng, quality=None):
@@ -618,25 +624,42 @@ def _clip(x):
     return int(max(-5, min(5, x)))
 
 
+def _quote(sentence):
+    """A sentence quoted in a critique, unable to open or close the judge's own tags."""
+    sentence = sentence.replace("<", "").replace(">", "")
+    return sentence if len(sentence) <= 80 else sentence[:77] + "..."
+
+
 def _names(items):
     texts = [i.text for i in items]
     return texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
 
 
 def _judge(persona, question, response):
-    """(scores dict, list of critique sentences)."""
-    attrs = _persona_attrs(persona) if isinstance(persona, dict) else \
-        persona_from_text(persona)["attributes"]
+    """(scores dict, critique sentences), from the response text alone: no hidden labels."""
+    attrs = _persona_attrs(persona)
     category = question_category(question)
+    if category is None:
+        raise UserError(f"question {question_text(question)[:80]!r} is not a PersonaWorld question")
     if not response or not response.strip():
         return ({"helpfulness": -5, "personalization": -5, "naturalness": -5},
                 ["The answer is empty."])
     p = _parse(response, category)
     on = [i for i in p.items if i.category == category]
-    off = [i for i in p.items if i.category != category]
     notes = []
+    scores = {
+        "helpfulness": _clip(_helpfulness(p, on, category, notes)),
+        "personalization": _clip(_personalization(p, on, category, attrs, notes)),
+        "naturalness": _clip(_naturalness(p, notes)),
+    }
+    if not notes:
+        notes.append("The answer is helpful, personal and natural.")
+    return scores, notes
 
-    # Helpfulness: distinct on-topic suggestions and tips; drifting costs.
+
+def _helpfulness(p, on, category, notes):
+    """Distinct on-topic suggestions and a tip help; every drift costs. More words do not."""
+    off = [i for i in p.items if i.category != category]
     h = {0: -4, 1: 2}.get(len(on), 4) + (1 if p.tips else 0)
     if not on:
         notes.append("The answer gives no concrete suggestion for the question.")
@@ -645,9 +668,12 @@ def _judge(persona, question, response):
         notes.append(f"The answer drifts to {_names(off)}, which does not answer the question.")
     for sentence in p.drifts:
         h -= 2
-        notes.append(f'The answer drifts off topic: "{sentence}"')
+        notes.append(f'The answer drifts off topic: "{_quote(sentence)}"')
+    return h
 
-    # Personalization: each attribute that matters is respected (+) or violated (-).
+
+def _personalization(p, on, category, attrs, notes):
+    """Each attribute that matters for the category is respected (+) or violated (-)."""
     pz = 0
     if category in USES_DIET and on:
         bad = [i for i in on if i.diet not in DIET_ALLOWS[attrs["diet"]]]
@@ -721,26 +747,25 @@ def _judge(persona, question, response):
                      f"{' or '.join(attrs['interests'])}.")
     if not on:
         pz = min(pz, -3)
+    return pz
 
-    # Naturalness: padding, repetition and garbled text.
+
+def _naturalness(p, notes):
+    """Padding, repetition and garbled sentences cost; nothing earns points back."""
     n = 5
     n -= 2 * len(p.repeated)
     for sentence in dict.fromkeys(p.repeated):
-        notes.append(f'The sentence "{sentence}" is repeated.')
+        notes.append(f'The sentence "{_quote(sentence)}" is repeated.')
     for sentence in p.fillers:
         n -= 1
-        notes.append(f'The filler "{sentence}" adds nothing.')
+        notes.append(f'The filler "{_quote(sentence)}" adds nothing.')
     for sentence in p.unclear[:3]:
-        notes.append(f'The sentence "{sentence}" is unclear.')
+        notes.append(f'The sentence "{_quote(sentence)}" is unclear.')
     n -= len(p.unclear)
     if p.stutter:
         n -= 2
         notes.append("The answer repeats the same word several times in a row.")
-
-    scores = {"helpfulness": _clip(h), "personalization": _clip(pz), "naturalness": _clip(n)}
-    if not notes:
-        notes.append("The answer is helpful, personal and natural.")
-    return scores, notes
+    return n
 
 
 def teacher_scores(persona, question, response):
@@ -762,13 +787,11 @@ def teacher_judgement(persona, question, response):
     )
 
 
-def combined_score(scores):
-    """The paper's reward: 0.35 H + 0.40 P + 0.25 N."""
-    return sum(SCORE_WEIGHTS[k] * scores[k] for k in SCORE_WEIGHTS)
-
-
 def teacher_reward(persona, question, response):
-    return combined_score(teacher_scores(persona, question, response))
+    """The paper's combined reward of the teacher's scores: 0.35 H + 0.40 P + 0.25 N."""
+    from cpe_jax.reward.grm import combine_scores
+
+    return float(combine_scores(teacher_scores(persona, question, response)))
 
 
 def teacher_preference(persona, question, response_a, response_b,
@@ -927,3 +950,14 @@ def train_tokenizer(world, out_dir, vocab_size=2048, n_responses=3000, seed=0):
             json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, f, indent=2)
     return AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+
+
+def grm_teacher(conversation):
+    """The teacher as a plain `fn(conversation) -> str`, for `module:function` judge settings
+    (`--judge-fn cpe_jax.data.persona_world:grm_teacher`, `grm.judge_fn` in RL configs)."""
+    return teacher_chat_judge().fn(conversation)
+
+
+def pairwise_teacher(conversation):
+    """The pairwise teacher as a plain `fn(conversation) -> JudgeReply` (soft preference in logprobs)."""
+    return teacher_pairwise_chat_judge().fn(conversation)

@@ -198,6 +198,14 @@ PRESETS = {
 # ---- helpers ---------------------------------------------------------------------------------
 
 
+class StaticDict(dict):
+    """A dict that can live on a module as static metadata (e.g. `generation_config`): graph
+    definitions must be hashable to serve as jit cache keys."""
+
+    def __hash__(self):
+        return hash(json.dumps(self, sort_keys=True, default=str))
+
+
 def constrain(x, logical_axes):
     """Shard an activation by logical axes when tracing under a mesh (`jax.set_mesh`); else no-op."""
     mesh = jax.sharding.get_abstract_mesh()

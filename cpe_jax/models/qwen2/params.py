@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from cpe_jax.errors import UserError, require_path
-from cpe_jax.models.qwen2.model import Qwen2Config, Qwen2ForCausalLM
+from cpe_jax.models.qwen2.model import Qwen2Config, Qwen2ForCausalLM, StaticDict
 from cpe_jax.sharding import logical_sharding
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,8 @@ def load_hf(model_dir, *, dtype=None, param_dtype=None, mesh=None, progress=Fals
         host = np.asarray(to_flax(tensor, layout, var.get_value().shape)).astype(var.get_value().dtype)
         var.set_value(place(host, param_sharding(var, mesh)))
     model = nnx.merge(graphdef, state)
-    model.generation_config = _read_json(os.path.join(model_dir, "generation_config.json"))
+    generation_config = _read_json(os.path.join(model_dir, "generation_config.json"))
+    model.generation_config = StaticDict(generation_config) if generation_config else None
     model.source_dir = os.path.abspath(model_dir)
     return model
 

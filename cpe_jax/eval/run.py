@@ -1,0 +1,471 @@
+"""Evaluate a policy (or another system's responses) against a baseline with a pairwise judge.
+
+`evaluate` generates the policy's responses (or takes them from a file), judges each against the
+baseline in both presentation orders and writes into one output directory:
+
+- `annotations.jsonl`: one row per example, appended and flushed as soon as its chunk is judged.
+  Rows are keyed by the example's index in the evaluation set and a hash of its question, so a
+  rerun keeps finished rows and only generates and judges the rest;
+- `generated.jsonl`: the policy's responses, cached the same way, so an interruption while
+  judging never costs a regeneration;
+- `run.json`: judge, policy, prompt and sampling settings; a rerun with other settings is refused
+  instead of mixing two runs in one table;
+- `metrics.json`, `report.md` and the plots of `eval.report.write_report`.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+
+from cpe_jax.errors import UserError
+from cpe_jax.eval.report import summarize, write_report
+from cpe_jax.eval.winrate import judge_pairs, parse_verdict, prob_first_from_logprobs
+
+log = logging.getLogger(__name__)
+
+ANNOTATIONS_FILE = "annotations.jsonl"
+GENERATED_FILE = "generated.jsonl"
+RUN_FILE = "run.json"
+POLICY_PROMPTS = ("paper", "persona_world")
+JUDGE_KINDS = ("python", "http", "flax")
+
+DEFAULT_MAX_TOKENS = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Examples, keys and response files
+
+
+def example_key(index, question):
+    """The resume key of example `index`: its position plus a hash of its question text."""
+    digest = hashlib.sha1(question.encode("utf-8")).hexdigest()[:16]
+    return f"{index}:{digest}"
+
+
+def _as_dict(example, index):
+    """An EvalExample or a plain dict as a dict with the fields evaluation needs."""
+    if dataclasses.is_dataclass(example):
+        example = dataclasses.asdict(example)
+    if not isinstance(example, dict):
+        raise UserError(f"evaluation example {index} must be an EvalExample or a dict, got {type(example).__name__}")
+    for name in ("question", "persona"):
+        if name not in example:
+            raise UserError(f"evaluation example {index} lacks field {name!r}")
+    if not isinstance(example["question"], str):
+        raise UserError(f"evaluation example {index}: field 'question' must be a string")
+    return {
+        "question": example["question"],
+        "persona": example["persona"],
+        "response": example.get("response"),
+        "source": example.get("source") or f"example {index}",
+        "tier": example.get("tier"),
+        "category": example.get("category"),
+    }
+
+
+def read_responses(path, examples, what="responses file"):
+    """The `response` of every row of a JSONL file, aligned with `examples`.
+
+    Rows align by line when the file has one row per example (and any `question` fields agree);
+    otherwise by their `question` field, which must then be on every row.
+    """
+    from cpe_jax.data.personafeedback import _field, _read_jsonl
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} does not exist: {path}")
+    rows = [(lineno, row) for lineno, row in _read_jsonl(path)]
+    texts = [_field(row, "response", str, f"{path}:{lineno}") for lineno, row in rows]
+    questions = [row.get("question") for _, row in rows]
+    examples = [_as_dict(ex, i) for i, ex in enumerate(examples)]
+    if len(rows) == len(examples) and all(q is None or q == ex["question"] for q, ex in zip(questions, examples)):
+        return texts
+    if not rows or any(not isinstance(q, str) for q in questions):
+        raise UserError(
+            f"{path}: {len(rows)} rows for {len(examples)} evaluation questions, and not every row "
+            "has a 'question' field to align them by"
+        )
+    by_question = {}
+    for (lineno, _), question, text in zip(rows, questions, texts):
+        if by_question.get(question, text) != text:
+            raise UserError(f"{path}:{lineno}: question repeated with another response, cannot align by question")
+        by_question[question] = text
+    missing = [i for i, ex in enumerate(examples) if ex["question"] not in by_question]
+    if missing:
+        first = examples[missing[0]]
+        raise UserError(
+            f"{path}: no response for {len(missing)} evaluation question(s), the first from "
+            f"{first['source']}: {first['question'][:60]!r}"
+        )
+    return [by_question[ex["question"]] for ex in examples]
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable JSONL logs
+
+
+def _read_keyed_rows(path, keys):
+    """{key: row} of a log written by this module; a torn last line (interrupted write) is dropped."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    rows = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno == len(lines) and not line.endswith("\n"):
+                log.warning("%s:%d: dropping a partly written last line", path, lineno)
+                with open(path, "w", encoding="utf-8") as f:
+                    f.writelines(lines[:-1])
+                break
+            raise UserError(f"{path}:{lineno}: bad JSON; delete the file to start this evaluation over") from None
+        key = row.get("key") if isinstance(row, dict) else None
+        if key not in keys:
+            raise UserError(
+                f"{path}:{lineno}: row {key!r} belongs to another evaluation set; use another output "
+                "directory or pass --fresh"
+            )
+        rows[key] = row
+    return rows
+
+
+class _AppendLog:
+    """Append JSON rows to a file, flushing each so that an interruption loses nothing finished."""
+
+    def __init__(self, path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, row):
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def _check_run(out_dir, run, fresh):
+    """Write run.json, or refuse to resume a directory written with other settings."""
+    path = os.path.join(out_dir, RUN_FILE)
+    if fresh:
+        for name in (ANNOTATIONS_FILE, GENERATED_FILE, RUN_FILE):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                previous = json.load(f)
+        except json.JSONDecodeError:
+            previous = None
+        if previous != run:
+            fields = sorted(k for k in set(run) | set(previous or {}) if (previous or {}).get(k) != run.get(k))
+            raise UserError(
+                f"{out_dir} holds an evaluation with other settings ({', '.join(fields)} differ); "
+                "use another output directory or pass --fresh"
+            )
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(run, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation and judging
+
+
+def policy_conversation(example, policy_prompt="paper", language="en"):
+    """The chat prompt the policy answers: the paper's template or PersonaWorld's short one."""
+    if policy_prompt == "paper":
+        from cpe_jax.data.prompts import policy_messages
+
+        return policy_messages(example["persona"], example["question"], language=language)
+    if policy_prompt == "persona_world":
+        from cpe_jax.data import persona_world
+
+        return persona_world.policy_messages(example["persona"], example["question"])
+    raise UserError(f"policy_prompt must be one of {POLICY_PROMPTS}, got {policy_prompt!r}")
+
+
+def _generate(sampler, examples, sampling, policy_prompt, language):
+    """Texts and finish reasons of the sampler's answers to `examples` (index, example pairs)."""
+    from cpe_jax.tokenizer import apply_chat_template
+
+    if sampler.tokenizer is None:
+        raise UserError("the policy has no tokenizer (tokenizer.json or vocab.json + merges.txt) in its directory")
+    limit = sampler.prompt_limit(sampling)
+    prompts = []
+    for _, ex in examples:
+        ids = apply_chat_template(sampler.tokenizer, policy_conversation(ex, policy_prompt, language))
+        if len(ids) > limit:
+            raise UserError(
+                f"{ex['source']}: the policy prompt has {len(ids)} tokens, more than the {limit} that fit "
+                "(the model's max positions minus --max-tokens)"
+            )
+        prompts.append(ids)
+    outputs = sampler.generate(prompts, sampling)
+    return [(o.text, o.finish_reason) for o in outputs]
+
+
+class _RecordingJudge:
+    """Pass calls through to a judge and keep its replies, to count unparseable ones per example."""
+
+    def __init__(self, judge):
+        self.judge = judge
+        self.replies = []
+
+    def __call__(self, conversations, **kwargs):
+        replies = list(self.judge(conversations, **kwargs))
+        self.replies += replies
+        return replies
+
+
+def _unparseable(reply):
+    return prob_first_from_logprobs(reply.first_token_logprobs) is None and parse_verdict(reply.text) is None
+
+
+def judge_name(judge):
+    """A stable name for a judge: its `name`, its Python function, or its repr without an address."""
+    if getattr(judge, "name", None):
+        return str(judge.name)
+    fn = getattr(judge, "fn", None)
+    if fn is not None:
+        return f"python:{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+    text = repr(judge)
+    return type(judge).__name__ if " at 0x" in text else text
+
+
+def _sampling_settings(sampling):
+    return {k: getattr(sampling, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
+
+
+def evaluate(
+    eval_examples,
+    out_dir,
+    *,
+    judge,
+    policy=None,
+    responses=None,
+    baseline=None,
+    sampling=None,
+    policy_prompt="paper",
+    language="en",
+    batch_size=16,
+    judge_max_tokens=32,
+    judge_label=None,
+    policy_label=None,
+    baseline_label=None,
+    fresh=False,
+    progress=None,
+):
+    """Judge a policy's (or given) responses against a baseline; write the report; return metrics.
+
+    eval_examples: `EvalExample`s (`personafeedback.load_eval_set`) or dicts with `question`,
+      `persona` and, unless `baseline` is given, `response` (the baseline's); `tier` and
+      `category` are optional and give per-group rows in the report.
+    judge: a ChatJudge (`reward.judges`); both presentation orders are judged.
+    policy: a `Sampler` (or a model directory) to generate responses with `sampling`
+      (default: greedy, 1024 new tokens), prompted by `policy_prompt` ("paper" or "persona_world").
+    responses: instead of a policy, one response text per example (e.g. `read_responses(...)`).
+    baseline: one text per example; default the examples' `response`.
+    batch_size: examples generated and judged per chunk; each chunk's rows are saved at once.
+    fresh: discard what an earlier run left in `out_dir` instead of resuming it.
+    The labels name the judge, policy and baseline in run.json and the report.
+
+    Returns the metrics written to metrics.json: `summarize`'s overall / by_tier / by_category
+    entries (rates in percent, lengths in characters) plus judge, n and n_unparseable.
+    """
+    from cpe_jax.sampling import Sampler, SamplingParams
+
+    examples = [_as_dict(ex, i) for i, ex in enumerate(eval_examples)]
+    if not examples:
+        raise UserError("the evaluation set is empty")
+    if (policy is None) == (responses is None):
+        raise UserError("give exactly one of a policy to generate responses or the responses themselves")
+    if policy_prompt not in POLICY_PROMPTS:
+        raise UserError(f"policy_prompt must be one of {POLICY_PROMPTS}, got {policy_prompt!r}")
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size} must be >= 1")
+    for name, texts in (("responses", responses), ("baseline", baseline)):
+        if texts is not None and len(texts) != len(examples):
+            raise UserError(f"{name} has {len(texts)} entries for {len(examples)} evaluation examples")
+    if baseline is None:
+        missing = [ex["source"] for ex in examples if not isinstance(ex["response"], str)]
+        if missing:
+            raise UserError(f"{missing[0]}: no baseline 'response' (and no separate baseline responses given)")
+        baseline = [ex["response"] for ex in examples]
+    if policy is not None and not isinstance(policy, Sampler):
+        policy = Sampler.from_pretrained(policy, max_batch_size=batch_size)
+    sampling = sampling or SamplingParams(max_tokens=DEFAULT_MAX_TOKENS, temperature=0.0)
+    if sampling.n != 1:
+        raise UserError(f"evaluation samples one response per question, got n={sampling.n}")
+
+    os.makedirs(out_dir, exist_ok=True)
+    name = judge_label or judge_name(judge)
+    run = {
+        "judge": name,
+        "policy": policy_label or ("policy" if policy is not None else "responses"),
+        "baseline": baseline_label or "eval set responses",
+        "language": language,
+        "judge_max_tokens": judge_max_tokens,
+    }
+    if policy is not None:
+        run["policy_prompt"] = policy_prompt
+        run["sampling"] = _sampling_settings(sampling)
+    _check_run(out_dir, run, fresh)
+
+    keys = [example_key(i, ex["question"]) for i, ex in enumerate(examples)]
+    annotations_path = os.path.join(out_dir, ANNOTATIONS_FILE)
+    done = _read_keyed_rows(annotations_path, set(keys))
+    for key, row in done.items():
+        i = row["index"]
+        given = {"baseline_response": baseline[i]}
+        if responses is not None:
+            given["model_response"] = responses[i]
+        for field, text in given.items():
+            if row.get(field) != text:
+                raise UserError(
+                    f"{annotations_path}: row {key} has another {field} than this run; use another "
+                    "output directory or pass --fresh"
+                )
+    generated_path = os.path.join(out_dir, GENERATED_FILE)
+    generated = _read_keyed_rows(generated_path, set(keys)) if policy is not None else {}
+
+    pending = [i for i, key in enumerate(keys) if key not in done]
+    if pending:
+        log.info("evaluating %d of %d examples (%d already done)", len(pending), len(examples), len(done))
+    chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if progress and chunks:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="eval", unit="chunk")
+    annotations = _AppendLog(annotations_path)
+    generated_log = _AppendLog(generated_path) if policy is not None else None
+    try:
+        for chunk in chunks:
+            model_texts, finish = {}, {}
+            if policy is None:
+                model_texts = {i: responses[i] for i in chunk}
+            else:
+                for i in chunk:
+                    if keys[i] in generated:
+                        model_texts[i] = generated[keys[i]]["response"]
+                        finish[i] = generated[keys[i]].get("finish_reason")
+                to_generate = [(i, examples[i]) for i in chunk if i not in model_texts]
+                if to_generate:
+                    outputs = _generate(policy, to_generate, sampling, policy_prompt, language)
+                    for (i, _), (text, reason) in zip(to_generate, outputs):
+                        model_texts[i], finish[i] = text, reason
+                        generated_log.write({"key": keys[i], "index": i, "response": text, "finish_reason": reason})
+            recorder = _RecordingJudge(judge)
+            pairs = [
+                {
+                    "persona": examples[i]["persona"],
+                    "question": examples[i]["question"],
+                    "model_response": model_texts[i],
+                    "baseline_response": baseline[i],
+                }
+                for i in chunk
+            ]
+            judgement = judge_pairs(
+                recorder, pairs, language=language, max_tokens=judge_max_tokens, batch_size=2 * len(chunk)
+            )
+            for j, i in enumerate(chunk):
+                ex = examples[i]
+                row = {
+                    "key": keys[i],
+                    "index": i,
+                    "source": ex["source"],
+                    "question": ex["question"],
+                    "tier": ex["tier"],
+                    "category": ex["category"],
+                    "model_response": model_texts[i],
+                    "baseline_response": baseline[i],
+                    "model_length": len(model_texts[i]),
+                    "baseline_length": len(baseline[i]),
+                    "preference": judgement.preferences[j],
+                    "model_first": judgement.model_first[j],
+                    "model_second": judgement.model_second[j],
+                    "judge_replies": judgement.replies[2 * j : 2 * j + 2],
+                    "n_unparseable": sum(_unparseable(r) for r in recorder.replies[2 * j : 2 * j + 2]),
+                }
+                if policy is not None:
+                    row["finish_reason"] = finish.get(i)
+                annotations.write(row)
+                done[keys[i]] = row
+            if not progress:
+                log.info("judged %d / %d examples", len(done), len(examples))
+    finally:
+        annotations.close()
+        if generated_log is not None:
+            generated_log.close()
+
+    rows = sorted(done.values(), key=lambda r: r["index"])
+    metrics = {
+        "judge": name,
+        "policy": run["policy"],
+        "baseline": run["baseline"],
+        **({"policy_prompt": policy_prompt} if policy is not None else {}),
+        "n": len(rows),
+        "n_unparseable": int(sum(r["n_unparseable"] for r in rows)),
+        "length_unit": "characters",
+        **summarize(rows),
+    }
+    if policy is not None:
+        metrics["n_truncated"] = sum(1 for r in rows if r.get("finish_reason") == "length")
+    write_report(out_dir, metrics, rows)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Judges from command-line flags
+
+
+def build_judge(kind, *, judge_fn=None, base_url=None, judge_model=None, api_key_env=None, judge_path=None,
+                max_concurrency=8):
+    """(ChatJudge, label) for `--judge {python,http,flax}`; flags of another kind are refused."""
+    flags = {"--judge-fn": judge_fn, "--base-url": base_url, "--judge-model": judge_model,
+             "--api-key-env": api_key_env, "--judge-path": judge_path}
+    needs = {"python": ("--judge-fn",), "http": ("--base-url", "--judge-model"), "flax": ("--judge-path",)}
+    allowed = {"python": ("--judge-fn",), "http": ("--base-url", "--judge-model", "--api-key-env"),
+               "flax": ("--judge-path",)}
+    if kind not in JUDGE_KINDS:
+        raise UserError(f"--judge must be one of {', '.join(JUDGE_KINDS)}, got {kind!r}")
+    for flag in needs[kind]:
+        if not flags[flag]:
+            raise UserError(f"--judge {kind} needs {flag}")
+    extra = [flag for flag, value in flags.items() if value is not None and flag not in allowed[kind]]
+    if extra:
+        raise UserError(f"{', '.join(extra)} cannot be used with --judge {kind}")
+
+    if kind == "python":
+        from cpe_jax.reward.judges import CallableJudge
+        from cpe_jax.rl.rollout import load_callable
+
+        fn = load_callable(judge_fn, "--judge-fn")
+        if not callable(fn):
+            raise UserError(f"--judge-fn={judge_fn!r} is not callable")
+        return CallableJudge(fn), f"python:{judge_fn}"
+    if kind == "http":
+        from cpe_jax.reward.judges import HTTPJudge
+
+        env = "OPENAI_API_KEY" if api_key_env is None else (api_key_env or None)  # "" = no key
+        judge = HTTPJudge(judge_model, base_url=base_url, api_key_env=env, max_concurrency=max_concurrency)
+        return judge, f"http:{judge_model}@{base_url}"
+    import cpe_jax
+    from cpe_jax.errors import require_path
+    from cpe_jax.tokenizer import load_tokenizer
+
+    try:
+        from cpe_jax.reward.flax_grm import FlaxGRMJudge
+    except ImportError:
+        raise UserError("--judge flax is not available in this installation (cpe_jax.reward.flax_grm missing)") from None
+    require_path(judge_path, "judge model directory")
+    judge = FlaxGRMJudge(cpe_jax.load_model(judge_path), load_tokenizer(judge_path))
+    return judge, f"flax:{os.path.abspath(judge_path)}"

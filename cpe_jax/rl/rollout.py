@@ -1,0 +1,231 @@
+"""Host side of one CPE step: prompts -> responses -> GRM -> critique -> edits -> scored edits.
+
+Everything heavy runs in jitted functions (the sampler core); this module turns text into
+fixed-shape token batches, calls the judge between the jits, and returns plain arrays for the
+train step. Shapes are static (prompt and response lengths come from the config) so steady-state
+steps never recompile.
+"""
+
+import dataclasses
+import importlib
+import logging
+import time
+
+import jax
+import numpy as np
+
+from cpe_jax.data import prompts as templates
+from cpe_jax.errors import UserError
+from cpe_jax.reward.grm import GRMScorer
+from cpe_jax.rl.edits import select_edits
+from cpe_jax.sampling import SampleConfig, sample
+from cpe_jax.tokenizer import apply_chat_template
+
+log = logging.getLogger(__name__)
+
+
+def left_pad(sequences, length, pad_id):
+    """[N, length] tokens and mask, each sequence right-aligned; longer ones keep their last tokens.
+
+    Returns (tokens, mask, number truncated) so truncation is counted, never silent.
+    """
+    tokens = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), bool)
+    truncated = 0
+    for i, seq in enumerate(sequences):
+        if len(seq) > length:
+            truncated += 1
+            seq = seq[-length:]
+        if len(seq):
+            tokens[i, length - len(seq):] = seq
+            mask[i, length - len(seq):] = True
+    return tokens, mask, truncated
+
+
+def load_callable(spec, what):
+    """Import `module:attribute` (e.g. "cpe_jax.data.persona_world:grm_teacher")."""
+    module_name, _, attr = str(spec).partition(":")
+    if not module_name or not attr:
+        raise UserError(f"{what}={spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"{what}={spec!r}: cannot import {module_name} ({e})") from None
+    if not hasattr(module, attr):
+        raise UserError(f"{what}={spec!r}: {module_name} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def build_judge(grm_config):
+    """A ChatJudge from the `grm` config block: python (module:function), http, or a Flax model."""
+    kind = grm_config.type
+    if kind == "python":
+        from cpe_jax.reward.judges import CallableJudge
+
+        return CallableJudge(load_callable(grm_config.judge_fn, "grm.judge_fn"))
+    if kind == "http":
+        from cpe_jax.reward.judges import HTTPJudge
+
+        return HTTPJudge(
+            grm_config.model_name,
+            base_url=grm_config.base_url,
+            api_key_env=grm_config.get("api_key_env", "OPENAI_API_KEY"),
+            max_concurrency=grm_config.get("max_concurrency", 8),
+        )
+    if kind == "flax":
+        import cpe_jax
+        from cpe_jax.reward.flax_grm import FlaxGRMJudge
+        from cpe_jax.tokenizer import load_tokenizer
+
+        model = cpe_jax.load_model(grm_config.path)
+        return FlaxGRMJudge(model, load_tokenizer(grm_config.path), max_tokens=grm_config.max_tokens)
+    raise UserError(f"config field grm.type: {kind!r} is not one of python, http, flax")
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """Fixed-shape arrays for the train step plus host-side text for metrics and logs."""
+
+    arrays: dict
+    metrics: dict
+    responses: list
+    edited: list
+
+
+class Rollout:
+    """Generates, judges, edits and selects for one step, with jitted sampling."""
+
+    def __init__(self, config, graphdef, tokenizer, scorer: GRMScorer, eos_ids, pad_id):
+        self.config = config
+        self.graphdef = graphdef
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        self.pad_id = int(pad_id)
+        r = config.rollout
+        self.sample_config = SampleConfig(
+            max_new_tokens=r.max_response_length,
+            temperature=float(r.temperature),
+            top_p=float(r.top_p),
+            top_k=int(r.top_k),
+            eos_token_ids=tuple(eos_ids),
+            pad_token_id=self.pad_id,
+        )
+        self.edit_sample_config = dataclasses.replace(
+            self.sample_config, temperature=float(config.edit.get("temperature", r.temperature))
+        )
+        self._sample = jax.jit(sample, static_argnums=(0, 5))
+
+    def _generate(self, state, tokens, mask, keys, sample_config, mesh):
+        from cpe_jax.sharding import shard_batch
+
+        with jax.set_mesh(mesh):
+            batch = shard_batch(mesh, {"tokens": tokens, "mask": mask})
+            keys = jax.device_put(keys)
+            result = self._sample(self.graphdef, state, batch["tokens"], batch["mask"], keys, sample_config)
+            return jax.tree.map(np.asarray, result)
+
+    def _decode(self, tokens, mask):
+        return [self.tokenizer.decode(t[m], skip_special_tokens=True).strip() for t, m in zip(tokens, mask)]
+
+    def run(self, policy_state, examples, row_ids, step_key, mesh) -> RolloutBatch:
+        """examples: one dict {persona, question, question_id, messages} per rollout row."""
+        cfg = self.config
+        timings, metrics = {}, {}
+        t0 = time.perf_counter()
+        prompt_ids = [apply_chat_template(self.tokenizer, ex["messages"]) for ex in examples]
+        prompt_tokens, prompt_mask, truncated = left_pad(prompt_ids, cfg.rollout.max_prompt_length, self.pad_id)
+        metrics["data/truncated_prompts"] = truncated
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, 0), i))(
+            np.asarray(row_ids, np.uint32)
+        )
+        result = self._generate(policy_state, prompt_tokens, prompt_mask, keys, self.sample_config, mesh)
+        responses = self._decode(result.tokens, result.mask)
+        timings["time/generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        judged = [dict(persona=ex["persona"], question=ex["question"], response=r) for ex, r in zip(examples, responses)]
+        strategy = cfg.edit.strategy
+        orig = self.scorer.score_for_editing(judged) if strategy != "none" else self.scorer.score(judged)
+        timings["time/judge"] = time.perf_counter() - t0
+
+        n = len(examples)
+        edit_tokens = np.full((n, cfg.rollout.max_response_length), self.pad_id, np.int32)
+        edit_mask = np.zeros_like(edit_tokens, dtype=bool)
+        edit_prompt_len = cfg.edit.max_prompt_length
+        edit_prompt_tokens = np.full((n, edit_prompt_len), self.pad_id, np.int32)
+        edit_prompt_mask = np.zeros_like(edit_prompt_tokens, dtype=bool)
+        edit_logprobs = np.zeros(edit_tokens.shape, np.float32)
+        edit_rewards = np.full(n, np.nan)
+        edit_valid = np.zeros(n, bool)
+        edited = [""] * n
+        keep_edit = np.zeros(n, bool)
+        if strategy != "none":
+            t0 = time.perf_counter()
+            edit_prompts = []
+            for ex, response, critique in zip(examples, responses, orig.critiques):
+                user_prompt = ex["messages"][-1]["content"]
+                messages = templates.post_edit_messages(user_prompt, response, critique, language=cfg.language)
+                edit_prompts.append(apply_chat_template(self.tokenizer, messages))
+            edit_prompt_tokens, edit_prompt_mask, truncated = left_pad(edit_prompts, edit_prompt_len, self.pad_id)
+            metrics["data/truncated_edit_prompts"] = truncated
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, 1), i))(
+                np.asarray(row_ids, np.uint32)
+            )
+            edit = self._generate(policy_state, edit_prompt_tokens, edit_prompt_mask, keys, self.edit_sample_config, mesh)
+            edit_tokens, edit_mask, edit_logprobs = edit.tokens, edit.mask, edit.logprobs
+            edited = self._decode(edit_tokens, edit_mask)
+            timings["time/edit_generate"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            judged_edits = [dict(persona=ex["persona"], question=ex["question"], response=r) for ex, r in zip(examples, edited)]
+            scored_edits = self.scorer.score(judged_edits)
+            has_critique = np.array([bool(c.strip()) for c in orig.critiques])
+            edit_valid = scored_edits.valid & has_critique
+            edit_rewards = scored_edits.scores["reward"]
+            timings["time/edit_judge"] = time.perf_counter() - t0
+            keep_edit = np.asarray(
+                select_edits(
+                    strategy,
+                    rewards_orig=np.nan_to_num(orig.scores["reward"]).astype(np.float32),
+                    rewards_edit=np.nan_to_num(edit_rewards).astype(np.float32),
+                    question_ids=np.asarray([ex["question_id"] for ex in examples], np.int32),
+                    ratio=float(cfg.edit.ratio),
+                    key=jax.random.fold_in(step_key, 2),
+                    valid_orig=orig.valid,
+                    valid_edit=edit_valid,
+                )
+            )
+            metrics.update(_score_metrics("edit", scored_edits.scores, edit_valid, edit_mask))
+            metrics["edit/selected"] = int(keep_edit.sum())
+            metrics["edit/selected_frac"] = float(keep_edit.mean())
+            metrics["edit/invalid_frac"] = float(1 - edit_valid.mean())
+            if keep_edit.any():
+                metrics["edit/selected_reward"] = float(np.mean(edit_rewards[keep_edit]))
+
+        metrics.update(_score_metrics("orig", orig.scores, orig.valid, result.mask))
+        metrics["grm/failure_rate"] = float(1 - orig.valid.mean())
+        metrics["orig/stopped_frac"] = float(result.stopped.mean())
+        metrics.update(timings)
+        arrays = dict(
+            prompt_tokens=prompt_tokens,
+            prompt_mask=prompt_mask,
+            orig_tokens=result.tokens,
+            orig_mask=result.mask,
+            orig_rewards=np.nan_to_num(orig.scores["reward"]).astype(np.float32),
+            orig_valid=orig.valid,
+            edit_prompt_tokens=edit_prompt_tokens,
+            edit_prompt_mask=edit_prompt_mask,
+            edit_tokens=edit_tokens,
+            edit_mask=edit_mask,
+            edit_sampler_logprobs=edit_logprobs,
+            edit_rewards=np.nan_to_num(edit_rewards).astype(np.float32),
+            keep_edit=keep_edit,
+        )
+        return RolloutBatch(arrays=arrays, metrics=metrics, responses=responses, edited=edited)
+
+
+def _score_metrics(prefix, scores, valid, mask):
+    out = {f"{prefix}/length": float(np.asarray(mask).sum(axis=1).mean())}
+    for name, values in scores.items():
+        out[f"{prefix}/{name}"] = float(np.mean(values[valid])) if valid.any() else float("nan")
+    return out

@@ -1,0 +1,534 @@
+"""Supervised training: SFT of the policy, GRM distillation (both mode `lm`) and the Bradley-Terry RM (mode `bt`).
+
+    cpe-jax sft --config=configs/sft.py --workdir=DIR [--config.model=PATH --config.data.path=F.jsonl]
+
+`lm` rows: {"messages": [...]} (loss on every assistant turn) or {"prompt": str | messages,
+"response": str}. `bt` rows: {"messages" | "prompt", "chosen", "rejected"}, or a PersonaFeedback
+directory. The train step is ONE jit (donated state, explicit shardings, gradient accumulation by
+`lax.scan`); batches are padded to a few bucket widths so steady-state steps never recompile.
+Data order is a seeded permutation per epoch and the position is saved with every checkpoint, so a
+resumed run repeats an uninterrupted one exactly.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from cpe_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODES = ("lm", "bt")
+ROLES = ("system", "user", "assistant")
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Example:
+    """One tokenized row: `tokens` with `targets` (lm: which tokens carry loss) or a chosen/rejected pair."""
+
+    tokens: np.ndarray
+    targets: np.ndarray = None
+    rejected: np.ndarray = None
+    truncated: bool = False
+
+
+def read_rows(path, process_index=0, process_count=1):
+    """(where, row) for this host's share of the non-blank lines of a JSONL file (row i goes to
+    host i % process_count); bad JSON is a UserError naming FILE:LINE."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read data file {path}: {e.strerror}") from None
+    rows, index = [], 0
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            index += 1
+            if (index - 1) % process_count != process_index:
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            rows.append((where, row))
+    return rows
+
+
+def _check_messages(messages, where, field):
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: field {field!r} must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: {field}[{i}] must be {{\"role\": one of {ROLES}, \"content\": str}}")
+    return messages
+
+
+def _string(row, name, where):
+    if not isinstance(row.get(name), str):
+        got = "missing" if name not in row else f"a {type(row[name]).__name__}"
+        raise UserError(f"{where}: field {name!r} must be a string, got {got}")
+    return row[name]
+
+
+def _prompt_messages(row, where):
+    if "messages" in row:
+        return _check_messages(row["messages"], where, "messages")
+    if "prompt" not in row:
+        raise UserError(f"{where}: missing field 'messages' or 'prompt'")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return _check_messages(prompt, where, "prompt")
+
+
+def lm_conversation(row, where):
+    """The messages of an `lm` row; loss goes on every assistant message."""
+    if "response" in row or "prompt" in row:
+        return _prompt_messages(row, where) + [{"role": "assistant", "content": _string(row, "response", where)}]
+    if "messages" not in row:
+        raise UserError(f"{where}: an lm row needs 'messages' or 'prompt' + 'response'")
+    messages = _check_messages(row["messages"], where, "messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: 'messages' has no assistant turn to train on")
+    return messages
+
+
+def _render(tokenizer, messages, add_generation_prompt, where):
+    if not messages:
+        return ""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja errors from the user's template
+        raise UserError(f"{where}: the chat template cannot render this conversation ({e})") from None
+
+
+def tokenize_conversation(tokenizer, messages, where):
+    """(ids, targets): targets mark the tokens of each assistant turn after its header.
+
+    The conversation is rendered as text prefixes (before each assistant turn with the generation
+    header, after it without) and each piece is encoded separately, so the loss mask follows the
+    template's own boundaries.
+    """
+    pieces, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True, where) if i else ""
+        after = _render(tokenizer, messages[: i + 1], False, where)
+        if not before.startswith(done) or not after.startswith(before):
+            raise UserError(f"{where}: the chat template does not render this conversation incrementally")
+        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    ids, targets = [], []
+    for text, is_target in pieces:
+        piece = tokenizer.encode(text, add_special_tokens=False) if text else []
+        ids += piece
+        targets += [is_target] * len(piece)
+    return np.asarray(ids, np.int32), np.asarray(targets, bool)
+
+
+def _encode_chat(tokenizer, messages):
+    from cpe_jax.tokenizer import apply_chat_template
+
+    return np.asarray(apply_chat_template(tokenizer, messages, add_generation_prompt=False), np.int32)
+
+
+def load_examples(config, tokenizer, process_index=0, process_count=1):
+    """This host's share of the training rows, validated and tokenized (too-long rows truncated and flagged)."""
+    path, mode, max_length = config.data.path, config.mode, config.max_length
+    if not path or not os.path.exists(path):
+        raise UserError(f"config field data.path: data file does not exist: {path!r}")
+    examples = []
+    if os.path.isdir(path):
+        if mode != "bt":
+            raise UserError(f"config field data.path: {path} is a directory; mode 'lm' reads a JSONL file")
+        from cpe_jax.data.personafeedback import load_pairs
+        from cpe_jax.reward.bt import example_messages
+
+        pairs = load_pairs(path)[process_index::process_count]
+        language = config.data.get("language", "en")
+        for p in pairs:
+            chosen = _encode_chat(tokenizer, example_messages(p.persona, p.question, p.chosen, language))
+            rejected = _encode_chat(tokenizer, example_messages(p.persona, p.question, p.rejected, language))
+            examples.append(_pair_example(chosen, rejected, max_length))
+        return examples
+    for where, row in read_rows(path, process_index, process_count):
+        if mode == "lm":
+            ids, targets = tokenize_conversation(tokenizer, lm_conversation(row, where), where)
+            truncated = len(ids) > max_length
+            examples.append(Example(ids[:max_length], targets[:max_length], truncated=truncated))
+        else:
+            prompt = _prompt_messages(row, where)
+            chosen = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": _string(row, "chosen", where)}])
+            rejected = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": _string(row, "rejected", where)}])
+            examples.append(_pair_example(chosen, rejected, max_length))
+    return examples
+
+
+def _pair_example(chosen, rejected, max_length):
+    # The score is read at the last token, so a too-long sequence loses its beginning.
+    truncated = len(chosen) > max_length or len(rejected) > max_length
+    return Example(chosen[-max_length:], rejected=rejected[-max_length:], truncated=truncated)
+
+
+def bucket_width(length, bucket_size, max_length):
+    """The padded width for a batch whose longest row has `length` tokens."""
+    return min(max_length, -(-max(length, 1) // bucket_size) * bucket_size)
+
+
+def _pad(rows, width, pad_id):
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, ids in enumerate(rows):
+        tokens[i, : len(ids)] = ids
+        mask[i, : len(ids)] = True
+    return tokens, mask
+
+
+def collate(examples, mode, bucket_size, max_length, pad_id):
+    """Host arrays of one batch, right-padded to a bucket width."""
+    if mode == "lm":
+        width = bucket_width(max(len(e.tokens) for e in examples), bucket_size, max_length)
+        tokens, mask = _pad([e.tokens for e in examples], width, pad_id)
+        targets, _ = _pad([e.targets for e in examples], width, 0)
+        return {"tokens": tokens, "mask": mask, "targets": targets.astype(bool)}
+    longest = max(max(len(e.tokens), len(e.rejected)) for e in examples)
+    width = bucket_width(longest, bucket_size, max_length)
+    chosen, chosen_mask = _pad([e.tokens for e in examples], width, pad_id)
+    rejected, rejected_mask = _pad([e.rejected for e in examples], width, pad_id)
+    return {"chosen": chosen, "chosen_mask": chosen_mask, "rejected": rejected, "rejected_mask": rejected_mask}
+
+
+def epoch_order(seed, epoch, n):
+    """The data order of one epoch: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+# ---- losses ------------------------------------------------------------------------------------
+
+
+def lm_loss_sum(model, batch):
+    """(sum of next-token NLL over target tokens, number of target tokens); targets[t] means token t
+    is predicted from tokens < t."""
+    from cpe_jax.models.qwen2.model import positions_from_mask
+
+    tokens, mask = batch["tokens"], batch["mask"]
+    logits, _ = model(tokens, positions_from_mask(mask), None, mask)
+    logits = logits[:, :-1].astype(jnp.float32)
+    labels = tokens[:, 1:]
+    weights = (batch["targets"][:, 1:] & mask[:, 1:]).astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return (nll * weights).sum(), {"tokens": weights.sum()}
+
+
+def bt_loss_sum(model, batch):
+    """(sum over pairs of -log sigmoid(chosen - rejected), metrics summed over pairs)."""
+    from cpe_jax.reward.bt import bt_loss
+
+    tokens = jnp.concatenate([batch["chosen"], batch["rejected"]])
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    scores = model.score(tokens, mask)
+    n = batch["chosen"].shape[0]
+    loss, metrics = bt_loss(scores[:n], scores[n:])
+    return loss * n, {"pairs": jnp.asarray(n, jnp.float32), "accuracy": metrics["accuracy"] * n,
+                      "margin": metrics["margin"] * n}
+
+
+LOSSES = {"lm": (lm_loss_sum, "tokens"), "bt": (bt_loss_sum, "pairs")}
+
+
+# ---- the train step ----------------------------------------------------------------------------
+
+
+@struct.dataclass
+class TrainState:
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+def make_optimizer(config):
+    """AdamW with linear warmup then cosine decay (to lr * min_lr_ratio), after global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=config.warmup_steps,
+        decay_steps=max(config.total_steps, config.warmup_steps + 1),
+        end_value=config.lr * config.min_lr_ratio,
+    )
+    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity()
+    return optax.chain(clip, optax.adamw(schedule, weight_decay=config.weight_decay)), schedule
+
+
+def init_opt_state(tx, params, mesh):
+    """`tx.init(params)` with every params-shaped part of the state (Adam's moments) sharded like
+    the params and the rest (counts) replicated; plain `jit(tx.init)` would replicate everything."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(tx.init, params)
+    shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract, param_shardings,
+                                      transform_non_params=lambda _: replicated)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def _split_micro(tree, n):
+    """[B, ...] -> [n, B/n, ...] taking every n-th row, so each micro-batch spans all data shards."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), tree)
+
+
+def train_step(graphdef, tx, schedule, mode, num_micro, state, batch):
+    """One optimizer update on one global batch: the loss is the mean over target tokens (lm) or
+    pairs (bt) of the whole batch, however it is split into micro-batches."""
+    loss_sum_fn, count_key = LOSSES[mode]
+
+    def loss_fn(params, micro):
+        return loss_sum_fn(nnx.merge(graphdef, params), micro)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_micro == 1:
+        (loss_sum, aux), grads = grad_fn(state.params, batch)
+    else:
+        def body(carry, micro):
+            (l, a), g = grad_fn(state.params, micro)
+            acc_g, acc_l, acc_a = carry
+            return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, jax.tree.map(jnp.add, acc_a, a)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        first = jax.tree.map(lambda x: x[0], _split_micro(batch, num_micro))
+        aux0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda p, m: loss_fn(p, m)[1], state.params, first))
+        (grads, loss_sum, aux), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), aux0),
+                                                 _split_micro(batch, num_micro))
+    count = jnp.maximum(aux[count_key], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    for key, value in aux.items():
+        metrics[key] = value if key == count_key else value / count
+    return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+def validate_config(config, process_count=1):
+    """Check every field before any work; returns the mesh."""
+    from cpe_jax import config as cfg
+
+    cfg.check_choice(config, "mode", MODES)
+    cfg.check(bool(config.model), "model", "set it to a Hugging Face directory or cpe_jax checkpoint")
+    cfg.check(bool(config.data.path), "data.path", "set it to a JSONL file (or a PersonaFeedback directory for bt)")
+    for field in ("batch_size", "max_length", "bucket_size", "epochs", "save_every", "keep_checkpoints"):
+        cfg.check_positive_int(config, field)
+    for field in ("micro_batch_size", "total_steps", "warmup_steps", "seed"):
+        cfg.check_positive_int(config, field, allow_zero=True)
+    cfg.check_range(config, "lr", 0, None, low_open=True)
+    cfg.check_range(config, "weight_decay", 0)
+    cfg.check_range(config, "grad_clip", 0)
+    cfg.check_range(config, "min_lr_ratio", 0, 1)
+    micro = config.micro_batch_size or config.batch_size
+    cfg.check(config.batch_size % micro == 0, "micro_batch_size",
+              f"{micro} does not divide batch_size {config.batch_size}")
+    cfg.check(config.batch_size % process_count == 0, "batch_size",
+              f"{config.batch_size} is not divisible by the {process_count} hosts")
+    mesh = cfg.make_mesh_from_config(config)
+    cfg.check_divisible_by_mesh(config, "batch_size", mesh)
+    return mesh
+
+
+class SFTTrainer:
+    """Builds the model, optimizer, data and jitted step from a config; `run()` trains with resume."""
+
+    def __init__(self, config, workdir):
+        import cpe_jax
+        from cpe_jax.checkpoints import TrainCheckpointer
+        from cpe_jax.metrics import MetricsWriter
+        from cpe_jax.sharding import logical_sharding
+        from cpe_jax.tokenizer import load_tokenizer
+
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.mesh = validate_config(config, self.process_count)
+        self.config, self.workdir = config, os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.tokenizer_dir = config.tokenizer or config.model
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+        self.examples = load_examples(config, self.tokenizer, self.process_index, self.process_count)
+        self.local_batch = config.batch_size // self.process_count
+        self.steps_per_epoch = len(self.examples) // self.local_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"config field batch_size: {config.batch_size} is larger than the "
+                            f"{len(self.examples) * self.process_count} rows of {config.data.path}")
+        truncated = sum(e.truncated for e in self.examples)
+        if truncated:
+            log.warning("%d of %d rows are longer than max_length=%d and were truncated",
+                        truncated, len(self.examples), config.max_length)
+        self.total_steps = config.total_steps or config.epochs * self.steps_per_epoch
+
+        model = cpe_jax.load_model(config.model, mesh=self.mesh, dtype=config.dtype or None)
+        self.generation_config = getattr(model, "generation_config", None)
+        if config.mode == "bt":
+            from cpe_jax.reward.bt import BTRewardModel
+
+            model = BTRewardModel.from_policy(model)
+        self.graphdef, params = nnx.split(model)
+        self.tx, self.schedule = make_optimizer(_with_total(config, self.total_steps))
+        opt_state = init_opt_state(self.tx, params, self.mesh)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        state = TrainState(params=params, opt_state=opt_state,
+                           step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
+        self.state_sharding = jax.tree.map(lambda x: x.sharding, state)
+
+        self.checkpointer = TrainCheckpointer(os.path.join(self.workdir, "checkpoints"),
+                                              keep=config.keep_checkpoints)
+        if self.checkpointer.latest_step() is not None:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            state, extra = self.checkpointer.restore(abstract)
+            self._check_resumable(extra)
+            log.info("resumed from step %d", int(state.step))
+        self.state = state
+
+        num_micro = config.batch_size // (config.micro_batch_size or config.batch_size)
+        step_fn = partial(train_step, self.graphdef, self.tx, self.schedule, config.mode, num_micro)
+        self._batch_sharding = logical_sharding(self.mesh, ("batch", None))
+        self._step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(self.state_sharding, self._batch_sharding),
+                             out_shardings=(self.state_sharding, replicated))
+        self._compiled_widths = set()
+        self.metrics = MetricsWriter(self.workdir, resume_step=self.step)
+
+    @property
+    def step(self):
+        return int(self.state.step)
+
+    def _data_signature(self):
+        c = self.config
+        return {"mode": c.mode, "data_path": os.path.abspath(c.data.path), "seed": int(c.seed),
+                "batch_size": int(c.batch_size), "max_length": int(c.max_length),
+                "process_count": self.process_count}
+
+    def _check_resumable(self, extra):
+        """Resuming with another data order would silently differ from an uninterrupted run."""
+        saved = extra.get("data", {})
+        for key, value in self._data_signature().items():
+            if key in saved and saved[key] != value:
+                field = {"data_path": "data.path"}.get(key, key)
+                raise UserError(f"config field {field}: {value!r} differs from {saved[key]!r} of the checkpoint "
+                                f"in {self.checkpointer.directory} (use a new --workdir)")
+
+    def batch_for_step(self, step):
+        """This host's rows of global batch `step`: epoch step // steps_per_epoch, in that epoch's order."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = epoch_order(self.config.seed, epoch, len(self.examples))
+        rows = [self.examples[i] for i in order[index * self.local_batch:(index + 1) * self.local_batch]]
+        return rows, collate(rows, self.config.mode, self.config.bucket_size, self.config.max_length, self.pad_id)
+
+    def _global(self, host_batch):
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self._batch_sharding, x), host_batch)
+
+    def train_one_step(self):
+        step = self.step
+        rows, host_batch = self.batch_for_step(step)
+        width = next(iter(host_batch.values())).shape[1]
+        if width not in self._compiled_widths:
+            self._compiled_widths.add(width)
+            log.info("compiling the train step for width %d", width)
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            self.state, metrics = self._step(self.state, self._global(host_batch))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - start
+        masks = [v for k, v in host_batch.items() if k.endswith("mask")]
+        metrics["tokens_per_s"] = sum(float(m.sum()) for m in masks) * self.process_count / elapsed
+        metrics["truncated_rows"] = sum(e.truncated for e in rows)
+        metrics["epoch"] = step // self.steps_per_epoch
+        return step + 1, metrics
+
+    def save(self, force=False):
+        extra = {"data": self._data_signature(), "step": self.step,
+                 "data_position": {"epoch": self.step // self.steps_per_epoch,
+                                   "batch": self.step % self.steps_per_epoch},
+                 "config": json.loads(self.config.to_json_best_effort())}
+        self.checkpointer.save(self.step, self.state, extra=extra, force=force)
+
+    def run(self, progress=True, on_step=None):
+        """Train to `total_steps` (or until SIGTERM); checkpoints every `save_every` steps and at the end.
+
+        `on_step(step, metrics)` is called after each step. Returns the last finished step.
+        """
+        from cpe_jax.checkpoints import PreemptionGuard
+        from cpe_jax.metrics import progress_bar
+
+        config = self.config
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"sft {config.mode}", enabled=progress)
+        with PreemptionGuard() as guard:
+            while self.step < self.total_steps and not guard.requested:
+                step, metrics = self.train_one_step()
+                self.metrics.write(step, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if on_step is not None:
+                    on_step(step, metrics)
+                if step % config.save_every == 0 or step == self.total_steps or guard.requested:
+                    self.save(force=True)
+            bar.close()
+            if guard.requested:
+                log.warning("SIGTERM: saved step %d, exiting", self.step)
+        self.checkpointer.wait()
+        if self.step >= self.total_steps:
+            self.save_final(os.path.join(self.workdir, "final"))
+        return self.step
+
+    def save_final(self, out_dir):
+        """The trained model as a standalone checkpoint with the tokenizer files (bt: a reward model)."""
+        from cpe_jax.checkpoints import save_model
+        from cpe_jax.models.heads import save_value_model
+
+        model = nnx.merge(self.graphdef, self.state.params)
+        if self.config.mode == "bt":
+            save_value_model(model, out_dir, tokenizer_dir=self.tokenizer_dir, kind="reward")
+        else:
+            model.generation_config = self.generation_config
+            save_model(model, out_dir, tokenizer_dir=self.tokenizer_dir)
+        log.info("wrote %s", out_dir)
+
+    def close(self):
+        self.metrics.close()
+        self.checkpointer.close()
+
+
+def _with_total(config, total_steps):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.total_steps = total_steps
+    return config
+
+
+def main(argv):
+    """`cpe-jax sft --config=configs/sft.py --workdir=DIR [--config.a.b=v ...]`."""
+    from cpe_jax.config import parse_config_flags
+
+    config, workdir = parse_config_flags(argv, prog="cpe-jax sft")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("cpe_jax").setLevel(logging.INFO)  # ours at INFO; Orbax's chatter stays quiet
+    trainer = SFTTrainer(config, workdir)
+    try:
+        step = trainer.run(progress=config.get("progress", True))
+    finally:
+        trainer.close()
+    print(f"stopped at step {step} of {trainer.total_steps}; workdir {workdir}")
+    return 0
