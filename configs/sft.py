@@ -11,6 +11,7 @@ def get_config():
     c.mode = "lm"  # "lm": next-token loss on assistant tokens; "bt": Bradley-Terry reward model
     c.model = ""  # Hugging Face directory or cpe_jax checkpoint to start from
     c.tokenizer = ""  # directory with the tokenizer files; "" = the model directory
+    c.remat = ""  # rematerialization: none | full | dots | dots_no_batch ("" = as loaded)
     c.dtype = ""  # compute dtype; "" = bfloat16 on TPU, float32 elsewhere
     c.seed = 0  # data order: a permutation per epoch seeded by (seed, epoch)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # device mesh; -1 = the rest

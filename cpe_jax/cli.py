@@ -167,14 +167,18 @@ def _cmd_eval(argv):
 def _cmd_sft(argv):
     """`cpe-jax sft --config=configs/sft.py --workdir=DIR [--config.a.b=v ...]` (SFT, GRM distillation, BT RM)."""
     from cpe_jax import sft
+    from cpe_jax.sharding import initialize_distributed
 
+    initialize_distributed()  # multi-host TPU pods; CPE_JAX_DISTRIBUTED=0 turns it off
     return sft.main(argv)
 
 
 def _cmd_train(argv):
     """`cpe-jax train --config=configs/X.py --workdir=DIR [--config.a.b=v ...]` (PPO / CPE)."""
     from cpe_jax.rl.trainer import main
+    from cpe_jax.sharding import initialize_distributed
 
+    initialize_distributed()  # multi-host TPU pods; CPE_JAX_DISTRIBUTED=0 turns it off
     return main(argv)
 
 
@@ -295,6 +299,34 @@ def _cmd_rm_eval(argv):
           f"invalid {overall['invalid']}); table in {os.path.join(args.out, 'rm_eval.md')}")
 
 
+def _cmd_demo(argv):
+    """`cpe-jax demo --out DIR [--quick] [--seed N]`: the whole pipeline in miniature on PersonaWorld."""
+    from cpe_jax import demo
+
+    return demo.main(argv)
+
+
+def _cmd_dpo(argv):
+    """`cpe-jax dpo --config=configs/dpo.py --workdir=DIR [--config.a.b=v ...]` (DPO / IPO on preference pairs)."""
+    from cpe_jax import dpo
+
+    return dpo.main(argv)
+
+
+def _cmd_micota(argv):
+    """`cpe-jax micota --config=configs/micota_cpu.py --workdir=DIR`: teacher-assistant CoT distillation."""
+    from cpe_jax import micota
+
+    return micota.main(argv)
+
+
+def _cmd_plan(argv):
+    """`cpe-jax plan --config=configs/X.py [--tpu=v5p-64] [--model=qwen2.5-7b] [--json]` (memory per chip)."""
+    from cpe_jax.plan import main
+
+    return main(argv)
+
+
 COMMANDS = {
     "convert": (_cmd_convert, "convert checkpoints between Hugging Face and Orbax"),
     "generate": (_cmd_generate, "sample completions for a JSONL file of prompts"),
@@ -302,7 +334,11 @@ COMMANDS = {
     "train": (_cmd_train, "PPO with Critique-Post-Edit (resumes from the latest checkpoint)"),
     "eval": (_cmd_eval, "win rate of a policy or of responses against a baseline"),
     "label": (_cmd_label, "teacher GRM judgements of responses: GRM distillation data"),
+    "plan": (_cmd_plan, "per-chip memory of a config on a TPU slice, and a mesh that fits"),
     "rm-eval": (_cmd_rm_eval, "pairwise accuracy of a GRM or BT reward model on PersonaFeedback"),
+    "dpo": (_cmd_dpo, "DPO / IPO baseline on chosen/rejected pairs (resumes from the latest checkpoint)"),
+    "micota": (_cmd_micota, "teacher-assistant CoT distillation: generate, filter by answer and length, SFT"),
+    "demo": (_cmd_demo, "the whole pipeline in miniature on PersonaWorld (SFT, GRM, PPO vs CPE, win rates)"),
 }
 
 

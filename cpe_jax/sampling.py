@@ -562,65 +562,55 @@ def read_prompt_rows(path, tokenizer=None, *, chat=False, vocab_size=None):
     user message), "prompt_token_ids" (a list of ids) or "messages" (a chat). Returns
     (rows, token ids per row, line number per row); a bad row raises "PATH:LINE: ...".
     """
-    import json
-
+    from cpe_jax.data.jsonl import read_jsonl
     from cpe_jax.errors import require_path
     from cpe_jax.tokenizer import apply_chat_template
 
     require_path(path, "prompts file")
     rows, encoded, lines = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object")
-            keys = [k for k in ("prompt", "prompt_token_ids", "messages") if k in row]
-            if len(keys) != 1:
-                raise UserError(
-                    f'{where}: needs exactly one of "prompt", "prompt_token_ids", "messages"'
-                )
-            value = row[keys[0]]
-            if keys[0] == "prompt_token_ids":
-                if not (isinstance(value, list) and value and all(_is_int(t) for t in value)):
-                    raise UserError(f'{where}: "prompt_token_ids" must be a non-empty list of ints')
-                if vocab_size is not None and any(t < 0 or t >= vocab_size for t in value):
-                    raise UserError(f'{where}: "prompt_token_ids" has ids outside [0, {vocab_size})')
-                ids = list(value)
+    for line_no, row in read_jsonl(path, "prompts file"):
+        where = f"{path}:{line_no}"
+        keys = [k for k in ("prompt", "prompt_token_ids", "messages") if k in row]
+        if len(keys) != 1:
+            raise UserError(
+                f'{where}: needs exactly one of "prompt", "prompt_token_ids", "messages"'
+            )
+        value = row[keys[0]]
+        if keys[0] == "prompt_token_ids":
+            if not (isinstance(value, list) and value and all(_is_int(t) for t in value)):
+                raise UserError(f'{where}: "prompt_token_ids" must be a non-empty list of ints')
+            if vocab_size is not None and any(t < 0 or t >= vocab_size for t in value):
+                raise UserError(f'{where}: "prompt_token_ids" has ids outside [0, {vocab_size})')
+            ids = list(value)
+        else:
+            if tokenizer is None:
+                raise UserError(f'{where}: "{keys[0]}" needs a tokenizer in the model directory')
+            if keys[0] == "prompt":
+                if not isinstance(value, str) or not value:
+                    raise UserError(f'{where}: "prompt" must be a non-empty string')
+                messages = [{"role": "user", "content": value}] if chat else None
             else:
-                if tokenizer is None:
-                    raise UserError(f'{where}: "{keys[0]}" needs a tokenizer in the model directory')
-                if keys[0] == "prompt":
-                    if not isinstance(value, str) or not value:
-                        raise UserError(f'{where}: "prompt" must be a non-empty string')
-                    messages = [{"role": "user", "content": value}] if chat else None
-                else:
-                    messages = value
-                    ok = isinstance(value, list) and value and all(
-                        isinstance(m, dict)
-                        and isinstance(m.get("role"), str)
-                        and isinstance(m.get("content"), str)
-                        for m in value
+                messages = value
+                ok = isinstance(value, list) and value and all(
+                    isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)
+                    for m in value
+                )
+                if not ok:
+                    raise UserError(
+                        f'{where}: "messages" must be a non-empty list of '
+                        '{"role": str, "content": str}'
                     )
-                    if not ok:
-                        raise UserError(
-                            f'{where}: "messages" must be a non-empty list of '
-                            '{"role": str, "content": str}'
-                        )
-                if messages is None:
-                    ids = list(tokenizer.encode(value))
-                else:
-                    ids = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
-                if not ids:
-                    raise UserError(f"{where}: the prompt encodes to no tokens")
-            rows.append(row)
-            encoded.append(ids)
-            lines.append(line_no)
+            if messages is None:
+                ids = list(tokenizer.encode(value))
+            else:
+                ids = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
+            if not ids:
+                raise UserError(f"{where}: the prompt encodes to no tokens")
+        rows.append(row)
+        encoded.append(ids)
+        lines.append(line_no)
     if not rows:
         raise UserError(f"{path}: no prompt rows")
     return rows, encoded, lines

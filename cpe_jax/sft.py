@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from cpe_jax.data.jsonl import read_jsonl
 from cpe_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -47,27 +48,8 @@ class Example:
 def read_rows(path, process_index=0, process_count=1):
     """(where, row) for this host's share of the non-blank lines of a JSONL file (row i goes to
     host i % process_count); bad JSON is a UserError naming FILE:LINE."""
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read data file {path}: {e.strerror}") from None
-    rows, index = [], 0
-    with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            index += 1
-            if (index - 1) % process_count != process_index:
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, row))
-    return rows
+    rows = list(read_jsonl(path, "data file"))
+    return [(f"{path}:{line_no}", row) for line_no, row in rows[process_index::process_count]]
 
 
 def _check_messages(messages, where, field):
@@ -168,7 +150,11 @@ def load_examples(config, tokenizer, process_index=0, process_count=1):
             rejected = _encode_chat(tokenizer, example_messages(p.persona, p.question, p.rejected, language))
             examples.append(_pair_example(chosen, rejected, max_length))
         return examples
+    skipped = 0
     for where, row in read_rows(path, process_index, process_count):
+        if row.get("valid") is False:  # `cpe-jax label` keeps unreadable teacher outputs, marked
+            skipped += 1
+            continue
         if mode == "lm":
             ids, targets = tokenize_conversation(tokenizer, lm_conversation(row, where), where)
             truncated = len(ids) > max_length
@@ -178,6 +164,8 @@ def load_examples(config, tokenizer, process_index=0, process_count=1):
             chosen = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": _string(row, "chosen", where)}])
             rejected = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": _string(row, "rejected", where)}])
             examples.append(_pair_example(chosen, rejected, max_length))
+    if skipped:
+        log.warning("%s: skipped %d rows marked \"valid\": false", path, skipped)
     return examples
 
 
@@ -263,15 +251,25 @@ class TrainState:
     step: jax.Array
 
 
-def make_optimizer(config):
-    """AdamW with linear warmup then cosine decay (to lr * min_lr_ratio), after global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.lr, warmup_steps=config.warmup_steps,
-        decay_steps=max(config.total_steps, config.warmup_steps + 1),
-        end_value=config.lr * config.min_lr_ratio,
-    )
+def make_optimizer(config, schedule="cosine"):
+    """AdamW after global-norm clipping, with linear warmup then cosine decay (to lr * min_lr_ratio)
+    or a constant rate (the paper's PPO). `config` needs lr, warmup_steps, total_steps, grad_clip,
+    weight_decay (and min_lr_ratio for cosine). Returns (optax transform, lr schedule)."""
+    warmup = int(config.warmup_steps)
+    if schedule == "constant":
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, config.lr, warmup), optax.constant_schedule(config.lr)], [warmup]
+        ) if warmup else optax.constant_schedule(config.lr)
+    elif schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
+            decay_steps=max(config.total_steps, warmup + 1),
+            end_value=config.lr * config.get("min_lr_ratio", 0.0),
+        )
+    else:
+        raise UserError(f"config field lr_schedule: {schedule!r} is not 'cosine' or 'constant'")
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity()
-    return optax.chain(clip, optax.adamw(schedule, weight_decay=config.weight_decay)), schedule
+    return optax.chain(clip, optax.adamw(lr, weight_decay=config.weight_decay)), lr
 
 
 def init_opt_state(tx, params, mesh):
@@ -292,8 +290,12 @@ def _split_micro(tree, n):
 
 def train_step(graphdef, tx, schedule, mode, num_micro, state, batch):
     """One optimizer update on one global batch: the loss is the mean over target tokens (lm) or
-    pairs (bt) of the whole batch, however it is split into micro-batches."""
-    loss_sum_fn, count_key = LOSSES[mode]
+    pairs (bt) of the whole batch, however it is split into micro-batches.
+
+    `mode` is a key of LOSSES or a `(loss_sum_fn(model, batch) -> (sum, aux sums), count_key)` pair,
+    so other objectives (DPO) reuse this step.
+    """
+    loss_sum_fn, count_key = LOSSES[mode] if isinstance(mode, str) else mode
 
     def loss_fn(params, micro):
         return loss_sum_fn(nnx.merge(graphdef, params), micro)
@@ -325,11 +327,11 @@ def train_step(graphdef, tx, schedule, mode, num_micro, state, batch):
 # ---- the loop ----------------------------------------------------------------------------------
 
 
-def validate_config(config, process_count=1):
+def validate_config(config, process_count=1, modes=MODES):
     """Check every field before any work; returns the mesh."""
     from cpe_jax import config as cfg
 
-    cfg.check_choice(config, "mode", MODES)
+    cfg.check_choice(config, "mode", modes)
     cfg.check(bool(config.model), "model", "set it to a Hugging Face directory or cpe_jax checkpoint")
     cfg.check(bool(config.data.path), "data.path", "set it to a JSONL file (or a PersonaFeedback directory for bt)")
     for field in ("batch_size", "max_length", "bucket_size", "epochs", "save_every", "keep_checkpoints"):
@@ -351,7 +353,11 @@ def validate_config(config, process_count=1):
 
 
 class SFTTrainer:
-    """Builds the model, optimizer, data and jitted step from a config; `run()` trains with resume."""
+    """Builds the model, optimizer, data and jitted step from a config; `run()` trains with resume.
+
+    Other objectives on the same loop (DPO) subclass it and override the hooks `validate`,
+    `load_examples`, `loss` and `collate`; batches may hold arrays of any rank with a leading batch axis.
+    """
 
     def __init__(self, config, workdir):
         import cpe_jax
@@ -361,14 +367,14 @@ class SFTTrainer:
         from cpe_jax.tokenizer import load_tokenizer
 
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
-        self.mesh = validate_config(config, self.process_count)
         self.config, self.workdir = config, os.path.abspath(workdir)
+        self.mesh = self.validate()
         os.makedirs(self.workdir, exist_ok=True)
         self.tokenizer_dir = config.tokenizer or config.model
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-        self.examples = load_examples(config, self.tokenizer, self.process_index, self.process_count)
+        self.examples = self.load_examples()
         self.local_batch = config.batch_size // self.process_count
         self.steps_per_epoch = len(self.examples) // self.local_batch
         if self.steps_per_epoch == 0:
@@ -381,6 +387,8 @@ class SFTTrainer:
         self.total_steps = config.total_steps or config.epochs * self.steps_per_epoch
 
         model = cpe_jax.load_model(config.model, mesh=self.mesh, dtype=config.dtype or None)
+        if config.get("remat"):
+            model.config = model.config.replace(remat=config.remat)
         self.generation_config = getattr(model, "generation_config", None)
         if config.mode == "bt":
             from cpe_jax.reward.bt import BTRewardModel
@@ -404,12 +412,27 @@ class SFTTrainer:
         self.state = state
 
         num_micro = config.batch_size // (config.micro_batch_size or config.batch_size)
-        step_fn = partial(train_step, self.graphdef, self.tx, self.schedule, config.mode, num_micro)
-        self._batch_sharding = logical_sharding(self.mesh, ("batch", None))
+        step_fn = partial(train_step, self.graphdef, self.tx, self.schedule, self.loss(), num_micro)
+        self._batch_sharding = logical_sharding(self.mesh, ("batch",))  # any rank: later axes replicated
         self._step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(self.state_sharding, self._batch_sharding),
                              out_shardings=(self.state_sharding, replicated))
         self._compiled_widths = set()
         self.metrics = MetricsWriter(self.workdir, resume_step=self.step)
+
+    # -- hooks for other objectives --
+    def validate(self):
+        """Check the config before any work; returns the mesh."""
+        return validate_config(self.config, self.process_count)
+
+    def load_examples(self):
+        return load_examples(self.config, self.tokenizer, self.process_index, self.process_count)
+
+    def loss(self):
+        """The step's objective: a LOSSES key or a (loss_sum_fn, count_key) pair (see `train_step`)."""
+        return self.config.mode
+
+    def collate(self, rows):
+        return collate(rows, self.config.mode, self.config.bucket_size, self.config.max_length, self.pad_id)
 
     @property
     def step(self):
@@ -435,7 +458,7 @@ class SFTTrainer:
         epoch, index = divmod(step, self.steps_per_epoch)
         order = epoch_order(self.config.seed, epoch, len(self.examples))
         rows = [self.examples[i] for i in order[index * self.local_batch:(index + 1) * self.local_batch]]
-        return rows, collate(rows, self.config.mode, self.config.bucket_size, self.config.max_length, self.pad_id)
+        return rows, self.collate(rows)
 
     def _global(self, host_batch):
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self._batch_sharding, x), host_batch)

@@ -107,3 +107,96 @@ def shard_batch(mesh: Mesh, batch):
         return jax.device_put(x, logical_sharding(mesh, axes, x.shape))
 
     return jax.tree.map(put, batch)
+
+
+# ---- multi-slice meshes and multi-host start-up ------------------------------------------------
+
+
+def make_hybrid_mesh(ici: dict, dcn: dict, devices: Optional[Sequence] = None) -> Mesh:
+    """Mesh over several TPU slices: `ici` sizes within a slice, `dcn` sizes across slices.
+
+    Each mesh axis has size ici[axis] * dcn[axis]; only the dcn part crosses the slow data-center
+    network, so put `data` (one gradient all-reduce per step) on it and keep `fsdp`/`tensor` inside
+    a slice. `ici` may use -1 for "the rest of a slice". Devices without `slice_index` (CPU, one
+    slice) count as one slice, so the dcn sizes must then all be 1.
+    """
+    return Mesh(hybrid_device_grid(ici, dcn, devices), MESH_AXES)
+
+
+def hybrid_device_grid(ici: dict, dcn: dict, devices: Optional[Sequence] = None) -> np.ndarray:
+    """The [data, fsdp, tensor] device array of `make_hybrid_mesh` (devices grouped by slice)."""
+    devices = list(jax.devices() if devices is None else devices)
+    for name in set(ici) | set(dcn):
+        if name not in MESH_AXES:
+            raise UserError(f"mesh axis {name!r} is not one of {MESH_AXES}")
+    dcn_shape = [int(dcn.get(name, 1)) for name in MESH_AXES]
+    if any(size < 1 for size in dcn_shape):
+        raise UserError(f"dcn mesh sizes must be positive, got {dict(dcn)}")
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    num_slices = math.prod(dcn_shape)
+    if num_slices != len(slices):
+        raise UserError(f"dcn mesh {dict(dcn)} spans {num_slices} slices but the devices are on {len(slices)}")
+    per_slice = len(devices) // num_slices
+    ici_sizes = _resolve_sizes(ici, per_slice)
+    if math.prod(ici_sizes.values()) != per_slice:
+        raise UserError(f"ici mesh {ici_sizes} does not use all {per_slice} devices of a slice")
+    ici_shape = [ici_sizes[name] for name in MESH_AXES]
+    if num_slices == 1:
+        return np.asarray(devices, dtype=object).reshape(ici_shape)
+    from jax.experimental import mesh_utils
+
+    return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+
+
+def _resolve_sizes(axes: dict, num_devices: int) -> dict:
+    """Mesh axis sizes with a -1 replaced by the rest of `num_devices` (as in make_mesh)."""
+    sizes = {name: int(axes.get(name, 1)) for name in MESH_AXES}
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise UserError(f"mesh sizes must be positive with at most one -1, got {sizes}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if num_devices % fixed:
+            raise UserError(f"mesh {sizes}: {num_devices} devices are not divisible by {fixed}")
+        sizes[free[0]] = num_devices // fixed
+    return sizes
+
+
+_DISTRIBUTED_ENV = ("MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "CLOUD_TPU_TASK_ID")
+
+
+def _on_multi_host_tpu(environ) -> bool:
+    """True on a TPU VM or a multi-host TPU job, judged from the environment only (no backend start)."""
+    import glob
+
+    if any(environ.get(name) for name in _DISTRIBUTED_ENV):
+        return True
+    for name in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):  # GKE: one entry per host
+        if "," in environ.get(name, ""):
+            return True
+    # A Cloud TPU VM: JAX's own cluster detection finds the workers in the VM metadata.
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) and not environ.get("TPU_SKIP_MDS_QUERY")
+
+
+def initialize_distributed(enabled: Optional[bool] = None, environ=None) -> bool:
+    """Start JAX's multi-host runtime (`jax.distributed.initialize()`) when running on a TPU pod.
+
+    Must run before anything touches the devices. `enabled=None` reads `CPE_JAX_DISTRIBUTED`
+    (`0` off, `1` always) and otherwise detects a TPU VM or a multi-host TPU job from the
+    environment; JAX then finds the coordinator and the process ids itself. Returns whether it
+    initialized (False when off or already initialized).
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    if enabled is None:
+        flag = environ.get("CPE_JAX_DISTRIBUTED", "").strip().lower()
+        if flag in ("0", "false", "no", "off"):
+            return False
+        if flag and flag not in ("1", "true", "yes", "on"):
+            raise UserError(f"CPE_JAX_DISTRIBUTED={flag!r} must be 0 or 1")
+        enabled = bool(flag) or _on_multi_host_tpu(environ)
+    if not enabled or jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize()
+    return True

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 
+from cpe_jax.data.jsonl import read_jsonl
 from cpe_jax.errors import UserError
 
 CATEGORIES = ("general", "specific")
@@ -58,25 +59,6 @@ class EvalExample:
 
 # ----------------------------------------------------------------------------------------------
 # Reading JSON with errors that point at the line.
-
-
-def _read_jsonl(path):
-    """Yield (line_number, object) for every non-blank line; bad JSON is a UserError."""
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: bad JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
 
 
 def _read_json_file(path):
@@ -181,7 +163,7 @@ class _HFPersonas:
         if not os.path.isfile(self.path):
             raise UserError(f"persona file not found: {self.path}")
         self.by_id = {}
-        for lineno, obj in _read_jsonl(self.path):
+        for lineno, obj in read_jsonl(self.path):
             where = f"{self.path}:{lineno}"
             uid = _user_number(obj.pop("user_id"), where) if "user_id" in obj else lineno
             if uid in self.by_id:
@@ -223,7 +205,7 @@ def load_pairs(root, *, categories=CATEGORIES, tiers=TIERS):
     pairs = []
     for category, tier, rel in files:
         path = os.path.join(root, rel)
-        for lineno, row in _read_jsonl(path):
+        for lineno, row in read_jsonl(path):
             where = f"{path}:{lineno}"
             if "user_id" not in row:
                 raise UserError(f"{where}: missing field 'user_id'")
@@ -281,7 +263,7 @@ def load_eval_set(path):
     if not os.path.isfile(path):
         raise UserError(f"evaluation file does not exist: {path}")
     examples = []
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in read_jsonl(path):
         where = f"{path}:{lineno}"
         persona = _field(row, "persona", (str, dict), where)
         if isinstance(persona, str):

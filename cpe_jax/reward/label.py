@@ -21,6 +21,7 @@ import logging
 import os
 
 from cpe_jax.data.prompts import grm_messages
+from cpe_jax.data.jsonl import read_jsonl
 from cpe_jax.errors import UserError, require_path
 from cpe_jax.reward.grm import parse_grm_output
 
@@ -34,27 +35,18 @@ def read_label_rows(path):
     the first malformed row, naming file:line. The key is the row's `id`, else its line number."""
     require_path(path, "input file")
     out, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object with persona, question, response")
-            for name in _TEXT_FIELDS:
-                if not isinstance(row.get(name), str):
-                    raise UserError(f"{where}: field {name!r} must be a string")
-            if not isinstance(row.get("persona"), (str, dict)):
-                raise UserError(f"{where}: field 'persona' must be a string or an object")
-            key = row_key(row, line_no)
-            if key in seen:
-                raise UserError(f"{where}: id {row['id']!r} already used on line {seen[key]}")
-            seen[key] = line_no
-            out.append((key, line_no, row))
+    for line_no, row in read_jsonl(path, "input file"):
+        where = f"{path}:{line_no}"
+        for name in _TEXT_FIELDS:
+            if not isinstance(row.get(name), str):
+                raise UserError(f"{where}: field {name!r} must be a string")
+        if not isinstance(row.get("persona"), (str, dict)):
+            raise UserError(f"{where}: field 'persona' must be a string or an object")
+        key = row_key(row, line_no)
+        if key in seen:
+            raise UserError(f"{where}: id {row['id']!r} already used on line {seen[key]}")
+        seen[key] = line_no
+        out.append((key, line_no, row))
     if not out:
         raise UserError(f"{path}: no rows")
     return out

@@ -10,7 +10,6 @@ a resumed run reproduces an uninterrupted one exactly.
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from functools import partial
@@ -41,21 +40,6 @@ class TrainState:
     critic_opt: optax.OptState
     kl_coef: jax.Array
     step: jax.Array
-
-
-def make_optimizer(lr, warmup_steps, total_steps, weight_decay, grad_clip, schedule="constant"):
-    """AdamW with linear warmup, then constant (the paper) or cosine decay, and global-norm clipping."""
-    warmup = optax.linear_schedule(0.0, lr, max(int(warmup_steps), 1))
-    if schedule == "cosine":
-        rest = optax.cosine_decay_schedule(lr, max(int(total_steps) - int(warmup_steps), 1))
-    else:
-        rest = optax.constant_schedule(lr)
-    lr_schedule = optax.join_schedules([warmup, rest], [int(warmup_steps)]) if warmup_steps else rest
-    tx = optax.chain(
-        optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
-        optax.adamw(lr_schedule, weight_decay=weight_decay),
-    )
-    return tx, lr_schedule
 
 
 # ---- per-token quantities from the models ----------------------------------------------------
@@ -304,8 +288,9 @@ class PromptStream:
 
             world = pw.make_world(int(data_config.get("world_seed", 0)))
             split = data_config.get("split", "train")
+            # The GRM reads the persona's one-line rendering (short prompts for small judges).
             self.items = [
-                dict(persona=p, question=q["text"], messages=pw.policy_messages(p, q))
+                dict(persona=pw.persona_text(p), question=q["text"], messages=pw.policy_messages(p, q))
                 for p in world.personas(split) for q in world.questions(split)
             ]
         elif source == "jsonl":
@@ -331,26 +316,16 @@ class PromptStream:
 
 
 def _read_jsonl(path, required=()):
-    import json
-
+    from cpe_jax.data.jsonl import read_jsonl
     from cpe_jax.errors import require_path
 
     require_path(path, "data.path")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{line_no}: expected a JSON object")
-            for field in required:
-                if field not in row:
-                    raise UserError(f"{path}:{line_no}: missing field {field!r}")
-            rows.append(row)
+    for line_no, row in read_jsonl(path, "data.path"):
+        for field in required:
+            if field not in row:
+                raise UserError(f"{path}:{line_no}: missing field {field!r}")
+        rows.append(row)
     return rows
 
 
@@ -363,7 +338,9 @@ def validate_config(config, num_devices):
     from cpe_jax.rl.edits import check_edit_settings
 
     check_edit_settings(config.edit.strategy, config.edit.ratio)
+    check(bool(config.policy), "policy", "set it to the SFT policy (a Hugging Face directory or cpe_jax checkpoint)")
     p = config.ppo
+    check(p.lr_schedule in ("constant", "cosine"), "ppo.lr_schedule", "must be 'constant' or 'cosine'")
     for field in ("prompts_per_step", "rollouts_per_prompt", "mini_batch_size", "epochs", "total_steps"):
         value = p[field] if field in p else config[field]
         check(isinstance(value, int) and value >= 1, field if field in config else f"ppo.{field}",
@@ -408,9 +385,8 @@ class Trainer:
         from cpe_jax.checkpoints import TrainCheckpointer
         from cpe_jax.metrics import MetricsWriter
         from cpe_jax.models.heads import ValueModel
-        from cpe_jax.reward.grm import GRMScorer
-        from cpe_jax.rl.rollout import Rollout, build_judge
-        from cpe_jax.sft import init_opt_state
+        from cpe_jax.rl.rollout import Rollout
+        from cpe_jax.sft import init_opt_state, make_optimizer
         from cpe_jax.tokenizer import eos_token_ids, load_tokenizer
 
         self.config, self.workdir = config, workdir
@@ -420,6 +396,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.get("tokenizer") or config.policy)
         policy = cpe_jax.load_model(config.policy, mesh=self.mesh, dtype=dtype)
         critic_base = cpe_jax.load_model(config.get("critic") or config.policy, mesh=self.mesh, dtype=dtype)
+        if config.get("remat"):
+            policy.config = policy.config.replace(remat=config.remat)
+            critic_base.config = critic_base.config.replace(remat=config.remat)
         critic = ValueModel.from_policy(critic_base, rngs=nnx.Rngs(config.seed))
         self.policy_config = policy.config
         self.policy_graphdef, policy_state = nnx.split(policy)
@@ -428,10 +407,8 @@ class Trainer:
         self.kl_on = bool(p.kl_coef) and (p.kl_in_reward or p.kl_loss)
         ref_state = jax.tree.map(jnp.copy, policy_state) if self.kl_on else {}
 
-        self.policy_tx, self.actor_lr = make_optimizer(p.actor_lr, p.warmup_steps, config.total_steps,
-                                                       p.weight_decay, p.grad_clip, p.lr_schedule)
-        self.critic_tx, self.critic_lr = make_optimizer(p.critic_lr, p.warmup_steps, config.total_steps,
-                                                        p.weight_decay, p.grad_clip, p.lr_schedule)
+        self.policy_tx, self.actor_lr = make_optimizer(_optimizer_fields(config, p.actor_lr), p.lr_schedule)
+        self.critic_tx, self.critic_lr = make_optimizer(_optimizer_fields(config, p.critic_lr), p.lr_schedule)
         with jax.set_mesh(self.mesh):
             state = TrainState(
                 policy=policy_state, critic=critic_state, ref=ref_state,
@@ -473,12 +450,14 @@ class Trainer:
         self.data = PromptStream(config.data, config.language)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = eos_token_ids(self.tokenizer, config.policy)
-        scorer = GRMScorer(build_judge(config.grm), language=config.language,
-                           temperature=config.grm.temperature,
-                           critique_temperature=config.grm.critique_temperature,
-                           weights=dict(config.grm.weights) if config.grm.get("weights") else None,
-                           max_tokens=config.grm.get("max_tokens", 1024))
-        self.rollout = Rollout(config, self.policy_graphdef, self.tokenizer, scorer, eos, pad_id)
+        self.rollout = self.fused = None
+        if config.grm.type == "flax" and config.grm.get("fused", False):
+            from cpe_jax.rl.fused import FusedCPEStep  # rollout, GRM, edits and update in one jit
+
+            self.fused = FusedCPEStep(self)
+        else:
+            scorer = build_scorer(config)
+            self.rollout = Rollout(config, self.policy_graphdef, self.tokenizer, scorer, eos, pad_id)
         self.metrics = MetricsWriter(workdir, resume_step=int(self.state.step))
 
     @property
@@ -498,6 +477,12 @@ class Trainer:
             for j in range(p.rollouts_per_prompt):
                 examples.append(prompt)
                 row_ids.append(prompt["question_id"] * p.rollouts_per_prompt + j)
+        if self.fused is not None:
+            self.state, metrics = self.fused.run(self.state, examples, row_ids, step_key)
+            self.position += p.prompts_per_step
+            metrics.update({"actor/lr": float(self.actor_lr(step)), "critic/lr": float(self.critic_lr(step)),
+                            "data/position": self.position})
+            return self.step, metrics
         rollout = self.rollout.run(self.state.policy, examples, row_ids, step_key, self.mesh)
 
         t0 = time.perf_counter()
@@ -557,6 +542,45 @@ class Trainer:
         return self.step
 
 
+def _optimizer_fields(config, lr):
+    """The fields `sft.make_optimizer` reads, for one of the two PPO optimizers."""
+    import ml_collections
+
+    p = config.ppo
+    return ml_collections.ConfigDict(dict(lr=lr, warmup_steps=p.warmup_steps, total_steps=config.total_steps,
+                                          grad_clip=p.grad_clip, weight_decay=p.weight_decay, min_lr_ratio=0.0))
+
+
+def build_scorer(config):
+    """The GRM scorer of the `grm` config block. A flax GRM with `grm.mode = "expected"` scores by
+    expected value over -5..5 (never unreadable, which suits a small distilled GRM); every other
+    GRM writes its scores as text, parsed by `GRMScorer`."""
+    from cpe_jax.config import check
+    from cpe_jax.reward.grm import GRMScorer
+    from cpe_jax.rl.rollout import build_judge
+
+    g = config.grm
+    mode = g.get("mode", "text")
+    check(mode in ("text", "expected"), "grm.mode", f"{mode!r} is not one of text, expected")
+    check(mode == "text" or g.type == "flax", "grm.mode", "'expected' needs grm.type = 'flax'")
+    weights = dict(g.weights) if g.get("weights") else None
+    if mode == "expected":
+        import cpe_jax
+        from cpe_jax.errors import require_path
+        from cpe_jax.reward.flax_grm import FlaxGRMScorer
+        from cpe_jax.tokenizer import load_tokenizer
+
+        path = require_path(g.path, "grm.path")
+        p = config.ppo
+        return FlaxGRMScorer(cpe_jax.load_model(path), load_tokenizer(path), language=config.language,
+                             temperature=g.temperature, critique_temperature=g.critique_temperature,
+                             weights=weights, max_tokens=g.get("max_tokens", 1024),
+                             max_batch_size=p.prompts_per_step * p.rollouts_per_prompt)
+    return GRMScorer(build_judge(g), language=config.language, temperature=g.temperature,
+                     critique_temperature=g.critique_temperature, weights=weights,
+                     max_tokens=g.get("max_tokens", 1024))
+
+
 def _replicated(mesh):
     from cpe_jax.sharding import replicated
 
@@ -582,6 +606,8 @@ def default_config():
     c.critic = ""  # defaults to the policy (the paper initialises the critic from the SFT policy)
     c.tokenizer = ""  # defaults to the policy directory
     c.dtype = ""  # compute dtype; "" = bfloat16 on TPU, float32 elsewhere
+    c.remat = ""  # policy/critic rematerialization: none | full | dots | dots_no_batch ("" = as loaded)
+    c.model_preset = ""  # architecture `cpe-jax plan` assumes before the checkpoint exists, e.g. qwen2.5-7b
     c.language = "en"
     c.seed = 0
     c.total_steps = 100
@@ -612,9 +638,12 @@ def default_config():
     c.grm.api_key_env = "OPENAI_API_KEY"
     c.grm.max_concurrency = 8
     c.grm.path = ""
+    c.grm.mode = "text"  # flax GRM only: "expected" = expected scores over -5..5 (never unreadable)
     c.grm.max_tokens = 1024
     c.grm.temperature = 0.0  # the reward is judged greedily
     c.grm.critique_temperature = 0.9  # the critique that drives editing is sampled
+    c.grm.fused = False  # grm.type "flax" only: the whole step (rollout, GRM, edits, update) as ONE jit
+    c.grm.max_prompt_length = 2048  # fused step: GRM prompt before the response (rubric, persona, question)
     c.grm.weights = ml_collections.ConfigDict({"helpfulness": 0.35, "personalization": 0.40, "naturalness": 0.25})
 
     c.edit = ml_collections.ConfigDict()

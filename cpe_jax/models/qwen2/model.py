@@ -7,7 +7,7 @@ One forward serves training and KV-cache decoding:
     logits, new_cache = model(tokens, positions, cache, mask)
 
 Without a cache, `mask` is the [B, T] key-validity mask of the tokens themselves. With a cache
-({"k", "v": [L, B, S, KVH, D], "end": slots filled}), the T new tokens are written at slots
+({"k", "v": [L, B, KVH, S, D], "end": slots filled}), the T new tokens are written at slots
 [end, end + T) and `mask` is the [B, S] validity of every cache slot; attention is causal in slot
 order, so cached prompts are left-padded.
 """
@@ -269,16 +269,22 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, mask, cache_kv, cache_end, layer_index):
         cfg, dt = self.cfg, x.dtype
         b, t = x.shape[:2]
+        kvh, d = cfg.num_key_value_heads, cfg.head_dim
+        groups = cfg.num_attention_heads // kvh
         q = jnp.einsum("bte,ehd->bthd", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
         k = jnp.einsum("bte,ehd->bthd", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
         v = jnp.einsum("bte,ehd->bthd", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
         q = constrain(rotary(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
         k = rotary(k, positions, cfg.rope_theta)
+        # Head-major [B, KVH, T, D] (the cache layout): both attention matmuls then batch over
+        # (b, kv head) and contract the minor dimensions, so the cache is never transposed.
+        q = q.reshape(b, t, kvh, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * t, d)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
         query_slots = jnp.arange(t)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv
-            start = (layer_index, 0, cache_end, 0, 0)
+            start = (layer_index, 0, 0, cache_end, 0)
             cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
             cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
             k, v = cache_k[layer_index].astype(dt), cache_v[layer_index].astype(dt)
@@ -286,17 +292,18 @@ class Attention(nnx.Module):
             new_cache_kv = (cache_k, cache_v)
         else:
             new_cache_kv = None
-        s = k.shape[1]
+        s = k.shape[2]
         allowed = (jnp.arange(s)[None, :] <= query_slots[:, None])[None] & mask[:, None, :].astype(bool)
 
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        q = q.reshape(b, t, cfg.num_key_value_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (cfg.head_dim ** -0.5)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kvh, groups, t, s) * (d ** -0.5)
         scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-        out = jnp.einsum("bthd,hde->bte", out, self.o_kernel[...].astype(dt))
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, groups * t, s)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, groups, t, d)
+        # One [B*T, H*D] x [H*D, E] matmul: the kernel keeps its stored layout.
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, kvh * groups * d)
+        o_kernel = self.o_kernel[...].astype(dt)
+        out = out @ o_kernel.reshape(-1, o_kernel.shape[-1])
         return out, new_cache_kv
 
 
@@ -354,7 +361,7 @@ class Qwen2ForCausalLM(nnx.Module):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         if mask is None:
-            width = tokens.shape[1] if cache is None else cache["k"].shape[2]
+            width = tokens.shape[1] if cache is None else cache["k"].shape[3]
             mask = jnp.ones((tokens.shape[0], width), dtype=bool)
         if positions is None:
             positions = positions_from_mask(mask if cache is None else mask[:, : tokens.shape[1]])
@@ -385,12 +392,15 @@ class Qwen2ForCausalLM(nnx.Module):
 
 # ---- KV cache --------------------------------------------------------------------------------
 
-CACHE_LOGICAL_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+CACHE_LOGICAL_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 
 def init_cache(config: Qwen2Config, batch_size: int, max_length: int, dtype=None) -> dict:
-    """Preallocated KV cache for `max_length` slots per row, in the compute dtype by default."""
-    shape = (config.num_hidden_layers, batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    """Preallocated KV cache for `max_length` slots per row, in the compute dtype by default.
+
+    Head-major [L, B, KVH, S, D]: a layer's keys of one head are contiguous, which is the layout
+    the attention matmuls read (a slot-major cache costs a transpose per layer and step)."""
+    shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
     return {
         "k": constrain(jnp.zeros(shape, dtype), CACHE_LOGICAL_AXES),

@@ -1,0 +1,39 @@
+"""Critique-Post-Edit on Qwen2.5-7B-Instruct on a v5litepod-64 slice (64 chips), paper defaults.
+
+    tpu_scripts/launch.sh --config=configs/cpe_qwen2_5_7b_v5e64.py --workdir=gs://BUCKET/cpe7b -- \
+        --config.policy=gs://BUCKET/qwen2.5-7b-sft --config.data.path=prompts.jsonl \
+        --config.grm.base_url=http://GRM_HOST:8000/v1 --config.grm.model_name=grm-14b
+"""
+
+import importlib.util
+import os
+
+# Mesh and remat from the planner (`cpe-jax plan`: the smallest fsdp that fits, tensor parallelism
+# only when needed, the least recomputation that fits; bf16 compute, f32 params and AdamW moments):
+#   cpe-jax plan --config=configs/cpe_qwen2_5_7b_v5e64.py --tpu=v5litepod-64
+#   mesh {'data': 1, 'fsdp': 16, 'tensor': 4}  remat=full
+#     policy params                                     0.44 GiB
+#     policy optimizer (AdamW mu+nu, param dtype)       0.89 GiB
+#     critic params                                     0.44 GiB
+#     critic optimizer (AdamW mu+nu, param dtype)       0.89 GiB
+#     reference params                                  0.00 GiB
+#     gradients (policy + critic)                       1.78 GiB
+#     activations (policy + critic)                     5.57 GiB
+#     logits (f32)                                      1.74 GiB
+#     rollout KV cache                                  2.62 GiB
+#     resident                                          2.66 GiB
+#     peak                                             11.75 GiB
+#     fits in 13.6 GiB usable of 16 GiB HBM per chip
+
+
+def get_config():
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpe_qwen2_5_7b.py")
+    spec = importlib.util.spec_from_file_location("cpe_qwen2_5_7b", base)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model_preset = "qwen2.5-7b"  # the architecture `cpe-jax plan` assumes before the checkpoint exists
+    c.remat = "full"  # Qwen2Config.remat of the policy and critic
+    c.ppo.micro_batch_size = 16
+    c.mesh = {"data": 1, "fsdp": 16, "tensor": 4}
+    return c

@@ -1,0 +1,67 @@
+"""`cpe-jax demo --quick` runs the whole pipeline end to end, writes its results in the documented
+schema, and a rerun resumes instead of redoing the work."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo(out, *extra):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)  # the demo runs on the real (single) CPU device, as a user would
+    return subprocess.run([sys.executable, "-m", "cpe_jax.cli", "demo", "--out", str(out), "--quick", *extra],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = _demo(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_demo_writes_results_report_and_plots(demo_out):
+    out, proc = demo_out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) >= {"sft", "ppo", "cpe"}
+    for name, run in results["runs"].items():
+        for key in ("lc_win_rate", "win_rate", "mean_length"):
+            assert isinstance(run[key], (int, float)) and math.isfinite(run[key]), (name, key)
+        assert 0 <= run["win_rate"] <= 100 and 0 <= run["lc_win_rate"] <= 100
+        assert run["mean_length"] > 0
+    # The SFT policy is the baseline: against its own responses it wins exactly half.
+    assert results["runs"]["sft"]["win_rate"] == 50.0
+    # The RL runs are compared on the same held-out set as the baseline.
+    eval_set = [json.loads(line) for line in open(out / "eval" / "eval_set.jsonl")]
+    for name in ("ppo", "cpe"):
+        assert results["runs"][name]["n"] == len(eval_set)
+        steps = results["runs"][name]["training"]["step"]
+        assert steps == list(range(1, len(steps) + 1)) and steps
+    assert 0 <= results["grm"]["agreement"] <= 1 and results["grm"]["n"] > 0
+
+    report = (out / "report.md").read_text()
+    assert "| Method | LC win rate | Win rate | Length |" in report
+    for label in ("SFT", "PPO (GRM)", "CPE (GRM + edit)"):
+        assert label in report
+    for png in ("reward.png", "length.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The progress display names every stage with its number.
+    assert "[demo 1/" in proc.stdout and "rl-cpe" in proc.stdout
+
+
+def test_rerun_resumes_without_redoing_stages(demo_out):
+    out, _ = demo_out
+    before = (out / "rl" / "cpe" / "metrics.jsonl").read_text()
+    proc = _demo(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = [line for line in proc.stdout.splitlines() if "done earlier, skipped" in line]
+    assert len(skipped) >= 10, proc.stdout
+    assert (out / "rl" / "cpe" / "metrics.jsonl").read_text() == before
+    assert json.loads((out / "results.json").read_text())["runs"]["cpe"]["n"] > 0
