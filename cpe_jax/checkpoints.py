@@ -18,8 +18,16 @@ from cpe_jax.errors import UserError, require_path
 MODEL_METADATA = "cpe_jax_model.json"
 
 
+def _dir(path):
+    """A local absolute path or a cloud path (gs://...), as an etils.epath.Path Orbax accepts."""
+    from etils import epath
+
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def is_model_checkpoint(path) -> bool:
-    return os.path.exists(os.path.join(path, MODEL_METADATA))
+    return (_dir(path) / MODEL_METADATA).exists()
 
 
 def _nested(flat_state):
@@ -37,10 +45,10 @@ def save_model(model, out_dir, *, tokenizer_dir=None):
     """Write weights, config and tokenizer files of `model` to `out_dir` (overwrites `params/`)."""
     from cpe_jax.models.qwen2.params import copy_tokenizer_files
 
-    out_dir = os.path.abspath(out_dir)
+    out_dir = _dir(out_dir)
     _, state = nnx.split(model)
     arrays = _nested((p, v.get_value()) for p, v in nnx.to_flat_state(state))
-    params_dir = os.path.join(out_dir, "params")
+    params_dir = out_dir / "params"
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, arrays, force=True)
         ckptr.wait_until_finished()
@@ -51,10 +59,9 @@ def save_model(model, out_dir, *, tokenizer_dir=None):
             "param_dtype": model.config.param_dtype,
             "generation_config": getattr(model, "generation_config", None),
         }
-        with open(os.path.join(out_dir, MODEL_METADATA), "w") as f:
-            json.dump(metadata, f, indent=2)
+        (out_dir / MODEL_METADATA).write_text(json.dumps(metadata, indent=2))
         source = tokenizer_dir or getattr(model, "source_dir", None)
-        if source and os.path.isdir(source):
+        if source:
             copy_tokenizer_files(source, out_dir)
 
 
@@ -64,10 +71,9 @@ def restore_model(path, *, dtype=None, param_dtype=None, mesh=None):
     from cpe_jax.models.qwen2.params import abstract_model, default_compute_dtype, param_sharding
 
     require_path(path, "checkpoint")
-    meta_path = os.path.join(path, MODEL_METADATA)
+    meta_path = _dir(path) / MODEL_METADATA
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{meta_path}: invalid JSON ({e})") from None
     config = Qwen2Config.from_hf_dict(
@@ -83,7 +89,7 @@ def restore_model(path, *, dtype=None, param_dtype=None, mesh=None):
         (p, jax.ShapeDtypeStruct(v.get_value().shape, stored_dtype, sharding=param_sharding(v, mesh)))
         for p, v in flat
     )
-    params_dir = os.path.join(os.path.abspath(path), "params")
+    params_dir = _dir(path) / "params"
     require_path(params_dir, "checkpoint parameters")
     try:
         with ocp.StandardCheckpointer() as ckptr:
@@ -97,7 +103,7 @@ def restore_model(path, *, dtype=None, param_dtype=None, mesh=None):
         var.set_value(node if node.dtype == jnp.dtype(config.param_dtype) else node.astype(config.param_dtype))
     model = nnx.merge(graphdef, state)
     model.generation_config = StaticDict(meta["generation_config"]) if meta.get("generation_config") else None
-    model.source_dir = os.path.abspath(path)
+    model.source_dir = str(_dir(path))
     return model
 
 

@@ -23,10 +23,19 @@ def exit_on_user_error(fn):
 
 
 def require_path(path, what="path"):
-    """Return `path` as a string, or raise a UserError naming it when it does not exist."""
+    """Return `path` as a string, or raise a UserError naming it when it does not exist.
+
+    Cloud paths (gs://...) are checked through etils.epath, as Orbax reads them.
+    """
     import os
 
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if "://" in path:
+        from etils import epath
+
+        exists = epath.Path(path).exists()
+    else:
+        exists = os.path.exists(path)
+    if not exists:
         raise UserError(f"{what} does not exist: {path}")
     return path

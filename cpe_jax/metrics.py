@@ -31,37 +31,51 @@ def _scalar(value):
 
 
 class MetricsWriter:
-    """Append `{"step": k, **scalars}` to metrics.jsonl and the same scalars to TensorBoard (`workdir/tb`)."""
+    """Append `{"step": k, **scalars}` to metrics.jsonl and the same scalars to TensorBoard (`workdir/tb`).
+
+    `workdir` may be local or a cloud path (gs://...): object stores cannot append, so there the
+    whole (small) file is rewritten after every step.
+    """
 
     def __init__(self, workdir, *, resume_step=None, tensorboard=True):
         import jax
+        from etils import epath
 
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._remote = "://" in str(workdir)
         self._file = self._tb = None
+        self._lines = []
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step or 0)
-        self._file = open(self.path, "a")
+        if not self._remote:
+            self._file = open(self.path, "a")
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            try:
+                from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=(resume_step or 0) + 1)
+                self._tb = SummaryWriter(str(epath.Path(workdir) / "tb"), purge_step=(resume_step or 0) + 1)
+            except Exception as e:  # a storage backend tensorboardX cannot write: keep metrics.jsonl
+                log.warning("TensorBoard disabled for %s: %s", workdir, e)
 
     def _truncate_after(self, step):
         """Keep only lines of steps <= `step` (a resumed run rewrites the steps after it)."""
-        if not os.path.exists(self.path):
+        if not self.path.exists():
             return
         kept = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    if int(json.loads(line)["step"]) <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a crash
-        tmp = self.path + ".tmp"
+        for line in self.path.read_text().splitlines():
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+        self._lines = kept
+        if self._remote:
+            self.path.write_text("".join(kept))
+            return
+        tmp = str(self.path) + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, self.path)
@@ -78,8 +92,13 @@ class MetricsWriter:
             row[name] = None if isinstance(value, float) and not math.isfinite(value) else value
             if self._tb is not None:
                 self._tb.add_scalar(name, value, int(step))
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        line = json.dumps(row) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            self._file.write(line)
+            self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 

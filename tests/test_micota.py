@@ -8,10 +8,9 @@ import pytest
 from cpe_jax import micota
 from cpe_jax.cli import main as cli_main
 from cpe_jax.metrics import read_metrics
-from helpers import make_hf_qwen2
+from helpers import make_persona_world_policy
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def run_cli(argv, capsys):
@@ -73,26 +72,6 @@ def test_filter_keeps_exactly_the_correct_answers_inside_the_band():
     assert [(g["problem"], g["num_tokens"]) for g in kept] == [(0, 10), (1, 30)]
 
 
-def write_model(model_dir, corpus, seed):
-    """A tiny random Qwen2 with a byte-level BPE tokenizer trained on `corpus`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    os.makedirs(model_dir, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.save(os.path.join(model_dir, "tokenizer.json"))
-    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
-                   "pad_token": "<|endoftext|>"}, f)
-    make_hf_qwen2(model_dir, seed=seed, vocab_size=304, hidden_size=48, intermediate_size=96, layers=2,
-                  heads=4, kv_heads=2, init_scale=0.02)
-    return model_dir
-
-
 def test_pipeline_end_to_end_on_arithmetic(tmp_path, capsys):
     """A teacher assistant SFT'd briefly on the reference CoT of the same problems generates at
     temperature 0.7; the student is trained on exactly the correct, in-band answers.
@@ -101,9 +80,9 @@ def test_pipeline_end_to_end_on_arithmetic(tmp_path, capsys):
     real generations, not that distillation makes the student better at arithmetic.
     """
     problems = micota.make_problems(8, seed=0)
-    corpus = [micota.PROMPT.format(question=p["question"]) + " " + p["cot"] for p in problems] * 8
-    ta_init = write_model(str(tmp_path / "ta_init"), corpus, seed=0)
-    student = write_model(str(tmp_path / "student"), corpus, seed=1)
+    ta_init, student = str(tmp_path / "ta_init"), str(tmp_path / "student")
+    make_persona_world_policy(ta_init, seed=0, hidden_size=48, intermediate_size=96)
+    make_persona_world_policy(student, seed=1)
     ta_data = tmp_path / "ta.jsonl"
     ta_data.write_text("".join(json.dumps({"prompt": micota.prompt_messages(p), "response": p["cot"]}) + "\n"
                                for p in problems))

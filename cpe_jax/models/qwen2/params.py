@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -308,10 +307,15 @@ def save_hf(model, out_dir, *, tokenizer_dir=None, max_shard_size="5GB", dtype=N
 
 
 def copy_tokenizer_files(src_dir, dst_dir):
+    """Copy the tokenizer files that exist in `src_dir` (local or gs://) to `dst_dir`."""
+    from etils import epath
+
+    src_dir, dst_dir = epath.Path(os.fspath(src_dir)), epath.Path(os.fspath(dst_dir))
+    if not src_dir.is_dir() or str(src_dir) == str(dst_dir):
+        return
     for name in TOKENIZER_FILES:
-        src = os.path.join(src_dir, name)
-        if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(dst_dir, name)):
-            shutil.copyfile(src, os.path.join(dst_dir, name))
+        if (src_dir / name).exists():
+            (src_dir / name).copy(dst_dir / name, overwrite=True)
 
 
 # ---- one entry point for every format ----------------------------------------------------
