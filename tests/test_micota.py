@@ -108,6 +108,7 @@ def test_pipeline_end_to_end_on_arithmetic(tmp_path, capsys):
     expected = [(g["problem"], g["text"]) for g in correct if low <= g["num_tokens"] <= high]
     rows = [json.loads(line) for line in open(workdir / "sft.jsonl")]
     assert [(r["problem"], r["response"]) for r in rows] == expected
+    assert 0 < len(expected) < len(correct) < len(generations)  # both the answer check and the band removed some
     stats = json.load(open(workdir / "filter_stats.json"))
     assert stats["generations"] == 32 and stats["correct"] == len(correct) and stats["kept"] == len(rows)
     assert [r["step"] for r in read_metrics(workdir / "student")] == [1, 2]

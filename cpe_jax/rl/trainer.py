@@ -355,6 +355,9 @@ def validate_config(config, num_devices):
     check(p.loss_agg in ppo.AGG_MODES, "ppo.loss_agg", f"{p.loss_agg!r} is not one of {ppo.AGG_MODES}")
     check(p.kl_kind in ppo.KL_KINDS, "ppo.kl_kind", f"{p.kl_kind!r} is not one of {ppo.KL_KINDS}")
     check(config.edit.pi_e in ("recompute", "sampler"), "edit.pi_e", "must be 'recompute' or 'sampler'")
+    check(config.grm.type in ("python", "http", "flax"), "grm.type", "must be python, http or flax")
+    check(not config.grm.get("fused") or config.grm.type == "flax", "grm.fused",
+          "the single-jit step needs an in-framework GRM (grm.type = 'flax')")
     for field in ("max_prompt_length", "max_response_length"):
         check(config.rollout[field] >= 1, f"rollout.{field}", "must be >= 1")
     check(0 < config.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
