@@ -55,15 +55,20 @@ def load_tokenizer(model_dir):
 
     Raises a UserError naming the directory when it has no tokenizer files.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     model_dir = require_path(model_dir, "model directory")
     if not _has_tokenizer_files(model_dir):
         raise UserError(
             f"no tokenizer in {model_dir}: expected tokenizer.json or vocab.json + merges.txt"
         )
+    # tokenizer.json describes the whole pipeline (normalizer, pre-tokenizer, BPE), so it is read
+    # as is: a class picked from config.json (e.g. Qwen2Tokenizer) would substitute its own
+    # pre-tokenizer, and the same files would tokenize differently with or without config.json.
+    has_json = os.path.isfile(os.path.join(model_dir, "tokenizer.json"))
+    loader = PreTrainedTokenizerFast if has_json else AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer = loader.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=False
         )
     except (ValueError, OSError, KeyError):

@@ -103,3 +103,25 @@ def test_missing_tokenizer_names_directory(tmp_path):
         load_tokenizer(d)
     with pytest.raises(UserError, match="does_not_exist"):
         load_tokenizer(tmp_path / "does_not_exist")
+
+
+def test_same_files_tokenize_the_same_with_or_without_config_json(tmp_path):
+    """A plain ByteLevel tokenizer.json must not be re-interpreted because config.json says qwen2."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from cpe_jax.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, it's 2024!  spaced   text"] * 50, trainer)
+    plain, with_config = tmp_path / "plain", tmp_path / "with_config"
+    for d in (plain, with_config):
+        d.mkdir()
+        tok.save(str(d / "tokenizer.json"))
+    (with_config / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    text = "hello world, it's 2024!  spaced   text"
+    assert load_tokenizer(str(plain)).encode(text) == load_tokenizer(str(with_config)).encode(text)
