@@ -292,7 +292,7 @@ def test_generate_cli_writes_one_row_per_sample(model_dir, tmp_path, sampler):
 
 @pytest.mark.parametrize(
     "bad_row, message",
-    [('{"prompt": 3}', "prompt"), ("not json", "not valid JSON"),
+    [('{"prompt": 3}', "prompt"), ("not json", "bad JSON"),
      ('{"prompt_token_ids": [1, "x"]}', "prompt_token_ids"), ('{"text": "hi"}', "exactly one"),
      ('{"messages": [{"role": "user"}]}', "messages")],
 )
