@@ -110,11 +110,11 @@ def test_pieces_tokenize_like_the_host_prompts(model_dirs):
             tokens[i, : len(s)], mask[i, : len(s)] = s, True
         return tokens, mask
 
-    grm, grm_mask = concat_pieces([(pieces["grm_prefix_tokens"], pieces["grm_prefix_mask"]), padded(response_ids, 12),
+    grm, grm_mask = concat_pieces([(pieces["grm_prefix_tokens"], pieces["grm_prefix_mask"]), padded(response_ids, 16),
                                    (pieces["grm_suffix_tokens"], pieces["grm_suffix_mask"])])
-    edit, edit_mask = concat_pieces([(pieces["edit_prefix_tokens"], pieces["edit_prefix_mask"]), padded(response_ids, 12),
+    edit, edit_mask = concat_pieces([(pieces["edit_prefix_tokens"], pieces["edit_prefix_mask"]), padded(response_ids, 16),
                                      (pieces["edit_middle_tokens"], pieces["edit_middle_mask"]),
-                                     padded([critique_ids] * 2, 12),
+                                     padded([critique_ids] * 2, 16),
                                      (pieces["edit_suffix_tokens"], pieces["edit_suffix_mask"])])
     for i, (ex, response) in enumerate(zip(examples, responses)):
         host_grm = apply_chat_template(tokenizer, templates.grm_messages(ex["persona"], ex["question"], response))

@@ -72,12 +72,13 @@ def read_responses(path, examples, what="responses file"):
     Rows align by line when the file has one row per example (and any `question` fields agree);
     otherwise by their `question` field, which must then be on every row.
     """
-    from cpe_jax.data.personafeedback import _field, _read_jsonl
+    from cpe_jax.data.jsonl import read_jsonl
+    from cpe_jax.data.personafeedback import _field
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{what} does not exist: {path}")
-    rows = [(lineno, row) for lineno, row in _read_jsonl(path)]
+    rows = [(lineno, row) for lineno, row in read_jsonl(path, "responses file")]
     texts = [_field(row, "response", str, f"{path}:{lineno}") for lineno, row in rows]
     questions = [row.get("question") for _, row in rows]
     examples = [_as_dict(ex, i) for i, ex in enumerate(examples)]
