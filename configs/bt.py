@@ -7,20 +7,12 @@ PersonaFeedback directory (either layout). The result in DIR/final loads with
 `cpe_jax.reward.bt.BTRewardModel.load`.
 """
 
-import importlib.util
-import os
+from cpe_jax.config import sibling_config
 
-
-def sft_config():
-    """configs/sft.py's get_config(), read from beside this file (config files are loaded by path)."""
-    spec = importlib.util.spec_from_file_location("_sft_config", os.path.join(os.path.dirname(__file__), "sft.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def get_config():
-    c = sft_config()  # every field is documented in configs/sft.py
+    c = sibling_config(__file__, "sft.py")  # every field is documented in configs/sft.py
     c.mode = "bt"  # Bradley-Terry loss: -log sigmoid(score(chosen) - score(rejected))
     c.max_length = 1024  # chosen/rejected longer than this lose their beginning (the score is read at the end)
     c.lr = 5e-6  # peak learning rate (the head starts at zero, the backbone from the policy)

@@ -5,8 +5,7 @@
         --config.grm.base_url=http://GRM_HOST:8000/v1 --config.grm.model_name=grm-14b
 """
 
-import importlib.util
-import os
+from cpe_jax.config import sibling_config
 
 # Mesh and remat from the planner (`cpe-jax plan`: the smallest fsdp that fits, tensor parallelism
 # only when needed, the least recomputation that fits; bf16 compute, f32 params and AdamW moments):
@@ -27,11 +26,7 @@ import os
 
 
 def get_config():
-    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpe_qwen2_5_7b.py")
-    spec = importlib.util.spec_from_file_location("cpe_qwen2_5_7b", base)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = sibling_config(__file__, "cpe_qwen2_5_7b.py")
     c.model_preset = "qwen2.5-7b"  # the architecture `cpe-jax plan` assumes before the checkpoint exists
     c.remat = "dots_no_batch"  # Qwen2Config.remat of the policy and critic
     c.ppo.micro_batch_size = 16

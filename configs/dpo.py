@@ -6,20 +6,12 @@
 PersonaFeedback directory (either layout). The trained policy is written to DIR/final.
 """
 
-import importlib.util
-import os
+from cpe_jax.config import sibling_config
 
-
-def sft_config():
-    """configs/sft.py's get_config(), read from beside this file (config files are loaded by path)."""
-    spec = importlib.util.spec_from_file_location("_sft_config", os.path.join(os.path.dirname(__file__), "sft.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def get_config():
-    c = sft_config()  # every shared field is documented in configs/sft.py
+    c = sibling_config(__file__, "sft.py")  # every shared field is documented in configs/sft.py
     c.mode = "dpo"
     c.ref_model = ""  # frozen reference policy; "" = the starting model (config.model)
     c.loss_type = "sigmoid"  # "sigmoid": DPO; "ipo": (h - 1/(2 beta))^2 on the log-ratio difference h

@@ -8,15 +8,11 @@ batch 64) with the paper's 2048-token prompt and response budget. Weights are sh
 `fsdp`; micro-batches of 8 pairs (16 sequences of 4096 tokens) bound activation memory.
 """
 
-import importlib.util
-import os
+from cpe_jax.config import sibling_config
 
 
 def dpo_config():
-    spec = importlib.util.spec_from_file_location("_dpo_config", os.path.join(os.path.dirname(__file__), "dpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return sibling_config(__file__, "dpo.py")
 
 
 def get_config():

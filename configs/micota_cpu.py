@@ -6,18 +6,10 @@
 Writes DIR/generations.jsonl, DIR/sft.jsonl, DIR/filter_stats.json and the student in DIR/student/final.
 """
 
-import importlib.util
-import os
+from cpe_jax.config import sibling_config
 
 import ml_collections
 
-
-def sft_config():
-    """configs/sft.py's get_config(), read from beside this file (config files are loaded by path)."""
-    spec = importlib.util.spec_from_file_location("_sft_config", os.path.join(os.path.dirname(__file__), "sft.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def get_config():
@@ -51,7 +43,7 @@ def get_config():
     c.filter.max_tokens = 0
     c.filter.max_per_problem = 0  # keep at most this many answers per problem; 0 = all
 
-    c.sft = sft_config()  # the student's `cpe-jax sft` config (model and data.path are filled in)
+    c.sft = sibling_config(__file__, "sft.py")  # the student's `cpe-jax sft` config (model and data.path are filled in)
     c.sft.batch_size = 8
     c.sft.max_length = 256
     c.sft.epochs = 2

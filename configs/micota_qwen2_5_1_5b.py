@@ -11,20 +11,11 @@ for a small student to learn; the length band keeps the middle half of its corre
 `data.path` holds {"question": str, "answer": int} rows (e.g. GSM8K-style word problems).
 """
 
-import importlib.util
-import os
-
-
-def micota_config():
-    path = os.path.join(os.path.dirname(__file__), "micota_cpu.py")
-    spec = importlib.util.spec_from_file_location("_micota_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from cpe_jax.config import sibling_config
 
 
 def get_config():
-    c = micota_config()  # every field is documented in configs/micota_cpu.py
+    c = sibling_config(__file__, "micota_cpu.py")  # every field is documented in configs/micota_cpu.py
     c.dtype = "bfloat16"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 4  # a 7B teacher assistant: heads split 4 ways
     c.generate.n = 8
