@@ -15,12 +15,12 @@ def get_config():
     # PersonaWorld and its locally trained BPE tokenizer.
     c.world = ml_collections.ConfigDict()
     c.world.vocab_size = 2048
-    c.world.tokenizer_responses = 1500
+    c.world.tokenizer_responses = 1000
     c.world.sft_rows = 2400  # noisy demonstrations (the SFT policy starts mediocre)
     c.world.sft_p_good = 0.5  # chance each aspect of a demonstration is right
     c.world.edit_rows = 800  # post-edit demonstrations: revise a reply from a critique
     c.world.edit_p_fix = 0.8  # chance each criticised flaw is fixed in the revision
-    c.world.label_rows = 2400  # responses the teacher judges for GRM distillation
+    c.world.label_rows = 4000  # responses the teacher judges for GRM distillation
     c.world.grm_eval_pairs = 200  # held-out pairs for the GRM's agreement with the teacher
     c.world.eval_examples = 200  # held-out (persona, question) pairs for the win rates
 
@@ -29,18 +29,19 @@ def get_config():
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=0.02))
     c.grm_model = ml_collections.ConfigDict(dict(
-        hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=0.02))
 
     # `cpe-jax sft --config=configs/sft.py` overrides.
     c.sft = ml_collections.ConfigDict(dict(
-        batch_size=32, epochs=1, lr=3e-3, warmup_steps=10, max_length=512, bucket_size=64,
+        batch_size=32, epochs=2, lr=5e-3, warmup_steps=10, max_length=320, bucket_size=32,
         save_every=100, mesh=ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})))
     c.grm = ml_collections.ConfigDict()
     c.grm.sft = ml_collections.ConfigDict(dict(
-        batch_size=32, epochs=2, lr=3e-3, warmup_steps=10, max_length=448, bucket_size=64,
+        batch_size=32, total_steps=600, lr=6e-3, warmup_steps=10, max_length=256, bucket_size=32,
         save_every=100, mesh=ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})))
-    c.grm.max_tokens = 128  # critique + scores written by the GRM
+    c.grm.max_tokens = 40  # the critique the GRM writes before its forced score lines
+    c.grm.critique_style = "short"  # terse teacher critiques ("not vegan: grilled steak; too formal"): cheap to learn
     c.grm.prompt_style = "compact"  # $CPE_JAX_GRM_PROMPT for every stage: a short rubric for a tiny GRM
 
     # `cpe-jax train --config=configs/demo_rl.py` overrides; PPO and CPE differ only in edit.strategy.
@@ -49,10 +50,10 @@ def get_config():
     c.rl.save_every = 10
     c.rl.ppo = ml_collections.ConfigDict(dict(
         prompts_per_step=16, rollouts_per_prompt=4, mini_batch_size=8, actor_lr=1e-3, critic_lr=1e-3))
-    c.rl.rollout = ml_collections.ConfigDict(dict(max_prompt_length=96, max_response_length=80))
-    c.rl.edit = ml_collections.ConfigDict(dict(ratio=0.5, max_prompt_length=448))
+    c.rl.rollout = ml_collections.ConfigDict(dict(max_prompt_length=96, max_response_length=56))
+    c.rl.edit = ml_collections.ConfigDict(dict(ratio=0.5, max_prompt_length=256))
 
     # `cpe-jax eval`: greedy responses on held-out personas, judged by the pairwise teacher.
-    c.eval = ml_collections.ConfigDict(dict(max_tokens=80, batch_size=64))
+    c.eval = ml_collections.ConfigDict(dict(max_tokens=56, batch_size=64))
     c.run_bt = False  # also PPO with a Bradley-Terry RM on length-confounded pairs
     return c

@@ -13,20 +13,21 @@ def get_config():
     spec.loader.exec_module(module)
     c = module.get_config()  # every field is documented in configs/demo_cpu.py
     c.world.vocab_size = 1024
-    c.world.tokenizer_responses = 300
-    c.world.sft_rows = 320
+    c.world.tokenizer_responses = 200
+    c.world.sft_rows = 192
     c.world.edit_rows = 64
     c.world.label_rows = 256
     c.world.grm_eval_pairs = 16
     c.world.eval_examples = 16
-    c.grm.sft.epochs = 1
-    c.grm.max_tokens = 32
+    c.sft.epochs = 1
+    c.sft.total_steps = 8
+    c.grm.sft.total_steps = 8
+    c.grm.max_tokens = 16
     c.rl.total_steps = 2
     c.rl.save_every = 2
     c.rl.ppo.prompts_per_step = 4
     c.rl.ppo.rollouts_per_prompt = 2
     c.rl.ppo.mini_batch_size = 4
-    c.rl.rollout.max_response_length = 48
-    c.rl.edit.max_prompt_length = 384
-    c.eval.max_tokens = 48
+    c.rl.rollout.max_response_length = 32
+    c.eval.max_tokens = 32
     return c

@@ -27,7 +27,8 @@ from cpe_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-GRM_TEACHER = "cpe_jax.data.persona_world:grm_teacher"
+GRM_TEACHERS = {"full": "cpe_jax.data.persona_world:grm_teacher",
+                "short": "cpe_jax.data.persona_world:grm_teacher_short"}
 PAIRWISE_TEACHER = "cpe_jax.data.persona_world:pairwise_teacher"
 RUN_LABELS = {"sft": "SFT (start)", "ppo": "PPO (GRM)", "cpe": "CPE (GRM + edit)", "ppo_bt": "PPO (BT RM)"}
 
@@ -129,7 +130,7 @@ def _revised_quality(quality, rng, p_fix):
     return {k: (best[k] if v != best[k] and rng.random() < p_fix else v) for k, v in quality.items()}
 
 
-def sft_rows(world, n_answers, n_edits, p_good, p_fix, seed):
+def sft_rows(world, n_answers, n_edits, p_good, p_fix, seed, critique_style="full"):
     """Policy SFT rows: noisy answers to the policy prompt, and revisions after a teacher critique."""
     from cpe_jax.data import persona_world as pw
     from cpe_jax.data.prompts import post_edit_messages
@@ -143,7 +144,7 @@ def sft_rows(world, n_answers, n_edits, p_good, p_fix, seed):
     for persona, question in pw.sample_prompts(world, "train", n_edits, rng):
         quality = pw.random_quality(rng, p_good)
         original = pw.generate_response(world, persona, question, rng, quality)
-        critique = parse_grm_output(pw.teacher_judgement(persona, question, original)).critique
+        critique = parse_grm_output(pw.teacher_judgement(persona, question, original, critique_style)).critique
         revised = pw.generate_response(world, persona, question, rng, _revised_quality(quality, rng, p_fix))
         user_prompt = pw.policy_messages(persona, question)[0]["content"]
         rows.append({"prompt": post_edit_messages(user_prompt, original, critique), "response": revised})
@@ -214,6 +215,7 @@ def run(out, config, seed=0, config_path=""):
     c = config
     os.environ[GRM_STYLE_ENV] = c.grm.get("prompt_style", "full")  # every stage renders the same GRM prompt
     world = pw.make_world(seed)
+    critique_style = c.grm.get("critique_style", "full")  # what the GRM learns to write, and the policy to read
     path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
     exists = lambda *parts: (lambda: os.path.exists(path(*parts)))  # noqa: E731
     stages = list(STAGES)
@@ -231,7 +233,7 @@ def run(out, config, seed=0, config_path=""):
                  lambda: init_model(path("policy_init"), path("tokenizer"), c.policy_model, seed),
                  "random tiny Qwen2 policy")
     progress.run("sft-data", exists("data", "sft.jsonl"), lambda: _write_jsonl(path("data", "sft.jsonl"), sft_rows(
-        world, c.world.sft_rows, c.world.edit_rows, c.world.sft_p_good, c.world.edit_p_fix, seed)),
+        world, c.world.sft_rows, c.world.edit_rows, c.world.sft_p_good, c.world.edit_p_fix, seed, critique_style)),
         "noisy demonstrations and post-edit demonstrations")
     progress.run("sft", exists("policy_sft", "final"), lambda: _cli(
         "sft", f"--config={sft_config}", f"--workdir={path('policy_sft')}", f"--config.model={path('policy_init')}",
@@ -240,7 +242,7 @@ def run(out, config, seed=0, config_path=""):
 
     def label():
         _write_jsonl(path("data", "label_input.jsonl"), label_inputs(world, c.world.label_rows, seed + 1))
-        _cli("label", "--judge", "python", "--judge-fn", GRM_TEACHER, "--input", path("data", "label_input.jsonl"),
+        _cli("label", "--judge", "python", "--judge-fn", GRM_TEACHERS[critique_style], "--input", path("data", "label_input.jsonl"),
              "--out", path("data", "labels.jsonl.partial"), "--batch-size", 256)
         rows = [{"messages": r["messages"]} for r in _read_jsonl(path("data", "labels.jsonl.partial")) if r["valid"]]
         _write_jsonl(path("data", "grm_train.jsonl"), rows)

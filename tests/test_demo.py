@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from cpe_jax.errors import UserError
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -65,3 +67,21 @@ def test_rerun_resumes_without_redoing_stages(demo_out):
     assert len(skipped) >= 10, proc.stdout
     assert (out / "rl" / "cpe" / "metrics.jsonl").read_text() == before
     assert json.loads((out / "results.json").read_text())["runs"]["cpe"]["n"] > 0
+
+
+def test_short_critiques_name_the_same_problems_with_the_same_scores():
+    """The demo distils its GRM on terse critiques: same scores, the concrete culprit still named."""
+    from cpe_jax.data import persona_world as pw
+
+    world = pw.make_world(0)
+    vegetarian = next(p for p in world.train_personas if p["attributes"]["diet"] == "vegetarian")
+    steak = "Certainly. I recommend a grilled steak. Add fresh herbs for more flavor. Best wishes."
+    full = pw.teacher_judgement(vegetarian, "What should I cook for dinner?", steak)
+    short = pw.teacher_judgement(vegetarian, "What should I cook for dinner?", steak, critique_style="short")
+    assert full.split("</critique>")[1] == short.split("</critique>")[1]  # the <scores> block
+    assert "not vegetarian: grilled steak" in short
+    assert len(short) < len(full)
+    padded = "Hey! Grab a tofu stir fry! Grab a tofu stir fry! Grab a tofu stir fry! Have fun!"
+    assert "repeats" in pw.teacher_judgement(vegetarian, "What should I cook for dinner?", padded, "short")
+    with pytest.raises(UserError):
+        pw.teacher_judgement(vegetarian, "What should I cook for dinner?", steak, critique_style="long")

@@ -635,15 +635,20 @@ def _names(items):
     return texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
 
 
+def _short_names(items):
+    return ", ".join(i.name for i in items)
+
+
 def _judge(persona, question, response):
-    """(scores dict, critique sentences), from the response text alone: no hidden labels."""
+    """(scores dict, critique notes as (sentence, terse note) pairs), from the response text alone:
+    no hidden labels."""
     attrs = _persona_attrs(persona)
     category = question_category(question)
     if category is None:
         raise UserError(f"question {question_text(question)[:80]!r} is not a PersonaWorld question")
     if not response or not response.strip():
         return ({"helpfulness": -5, "personalization": -5, "naturalness": -5},
-                ["The answer is empty."])
+                [("The answer is empty.", "empty")])
     p = _parse(response, category)
     on = [i for i in p.items if i.category == category]
     notes = []
@@ -653,7 +658,7 @@ def _judge(persona, question, response):
         "naturalness": _clip(_naturalness(p, notes)),
     }
     if not notes:
-        notes.append("The answer is helpful, personal and natural.")
+        notes.append(("The answer is helpful, personal and natural.", "good"))
     return scores, notes
 
 
@@ -662,13 +667,14 @@ def _helpfulness(p, on, category, notes):
     off = [i for i in p.items if i.category != category]
     h = {0: -4, 1: 2}.get(len(on), 4) + (1 if p.tips else 0)
     if not on:
-        notes.append("The answer gives no concrete suggestion for the question.")
+        notes.append(("The answer gives no concrete suggestion for the question.", "no suggestion"))
     if off:
         h -= 2 * len(off)
-        notes.append(f"The answer drifts to {_names(off)}, which does not answer the question.")
+        notes.append((f"The answer drifts to {_names(off)}, which does not answer the question.",
+                      f"off topic: {_short_names(off)}"))
     for sentence in p.drifts:
         h -= 2
-        notes.append(f'The answer drifts off topic: "{_quote(sentence)}"')
+        notes.append((f'The answer drifts off topic: "{_quote(sentence)}"', "drifts"))
     return h
 
 
@@ -679,7 +685,8 @@ def _personalization(p, on, category, attrs, notes):
         bad = [i for i in on if i.diet not in DIET_ALLOWS[attrs["diet"]]]
         if bad:
             pz -= 2 + len(bad)
-            notes.append(f"The user is {attrs['diet']} but the answer suggests {_names(bad)}.")
+            notes.append((f"The user is {attrs['diet']} but the answer suggests {_names(bad)}.",
+                          f"not {attrs['diet']}: {_short_names(bad)}"))
         else:
             pz += 1
     luxury = [i for i in on if i.cost == "luxury"]
@@ -687,64 +694,66 @@ def _personalization(p, on, category, attrs, notes):
     if attrs["budget"] == "low":
         if luxury:
             pz -= 1 + len(luxury)
-            notes.append(f"The user has a low budget but the answer suggests {_names(luxury)}.")
+            notes.append((f"The user has a low budget but the answer suggests {_names(luxury)}.",
+                          f"too pricey: {_short_names(luxury)}"))
         elif cheap:
             pz += 1
     elif luxury:
         pz += 1
     elif cheap:
         pz -= 1
-        notes.append(f"The user has a high budget but the answer only offers cheap options like "
-                     f"{cheap[0].text}.")
+        notes.append((f"The user has a high budget but the answer only offers cheap options like "
+                      f"{cheap[0].text}.", "too cheap"))
     if category in USES_EXPERTISE and on:
         jargon = [i for i in on if i.level == "jargon"]
         basic = [i for i in on if i.level == "basic"]
         if attrs["expertise"] == "beginner":
             if jargon:
                 pz -= 1 + len(jargon)
-                notes.append(f"The user is a beginner but the answer uses jargon like "
-                             f"{_names(jargon)}.")
+                notes.append((f"The user is a beginner but the answer uses jargon like "
+                              f"{_names(jargon)}.", f"jargon: {_short_names(jargon)}"))
             else:
                 pz += 1
         elif basic:
             pz -= 1 + (1 if not jargon else 0)
-            notes.append(f"The user is an expert but the answer suggests basics like "
-                         f"{_names(basic)}.")
+            notes.append((f"The user is an expert but the answer suggests basics like "
+                          f"{_names(basic)}.", f"too basic: {_short_names(basic)}"))
         elif jargon:
             pz += 1
     wrong_tone = _other(TONES, attrs["tone"])
     if p.tone_counts[wrong_tone]:
         pz -= min(2, len(p.tone_counts[wrong_tone]))
-        notes.append(f"The user prefers a {attrs['tone']} tone but the answer sounds {wrong_tone} "
-                     f"(\"{p.tone_counts[wrong_tone][0]}\").")
+        notes.append((f"The user prefers a {attrs['tone']} tone but the answer sounds {wrong_tone} "
+                      f"(\"{p.tone_counts[wrong_tone][0]}\").", f"too {wrong_tone}"))
     elif p.tone_counts[attrs["tone"]]:
         pz += 1
     else:
         pz -= 1
-        notes.append(f"The answer could use a more {attrs['tone']} tone.")
+        notes.append((f"The answer could use a more {attrs['tone']} tone.", f"more {attrs['tone']}"))
     content = len(on) + len(p.tips)
     if attrs["length"] == "short":
         if content >= DETAILED_CONTENT:
             pz -= 1
-            notes.append(f"The user prefers short answers but the answer gives {content} "
-                         f"suggestions and tips.")
+            notes.append((f"The user prefers short answers but the answer gives {content} "
+                          f"suggestions and tips.", "too long"))
         elif content > 0:
             pz += 1
     elif content >= DETAILED_CONTENT:
         pz += 1
     elif content > 0:
         pz -= 1
-        notes.append("The user prefers detailed answers but the answer is brief.")
+        notes.append(("The user prefers detailed answers but the answer is brief.", "too brief"))
     liked = [i for i in p.interests if i in attrs["interests"]]
     unknown = [i for i in p.interests if i not in attrs["interests"]]
     if unknown:
         pz -= 2
-        notes.append(f"The answer assumes an interest in {unknown[0]} that the user does not have.")
+        notes.append((f"The answer assumes an interest in {unknown[0]} that the user does not have.",
+                      f"not into {unknown[0]}"))
     if liked:
         pz += 2
     elif not unknown:
-        notes.append(f"The answer could connect to the user's interest in "
-                     f"{' or '.join(attrs['interests'])}.")
+        notes.append((f"The answer could connect to the user's interest in "
+                      f"{' or '.join(attrs['interests'])}.", f"link {' or '.join(attrs['interests'])}"))
     if not on:
         pz = min(pz, -3)
     return pz
@@ -755,16 +764,16 @@ def _naturalness(p, notes):
     n = 5
     n -= 2 * len(p.repeated)
     for sentence in dict.fromkeys(p.repeated):
-        notes.append(f'The sentence "{_quote(sentence)}" is repeated.')
+        notes.append((f'The sentence "{_quote(sentence)}" is repeated.', "repeats"))
     for sentence in p.fillers:
         n -= 1
-        notes.append(f'The filler "{_quote(sentence)}" adds nothing.')
+        notes.append((f'The filler "{_quote(sentence)}" adds nothing.', "filler"))
     for sentence in p.unclear[:3]:
-        notes.append(f'The sentence "{_quote(sentence)}" is unclear.')
+        notes.append((f'The sentence "{_quote(sentence)}" is unclear.', "unclear"))
     n -= len(p.unclear)
     if p.stutter:
         n -= 2
-        notes.append("The answer repeats the same word several times in a row.")
+        notes.append(("The answer repeats the same word several times in a row.", "stutters"))
     return n
 
 
@@ -776,11 +785,24 @@ def teacher_scores(persona, question, response):
     return _judge(persona, question, response)[0]
 
 
-def teacher_judgement(persona, question, response):
-    """The teacher's GRM output: `<critique>...</critique>` then the `<scores>` block."""
+CRITIQUE_STYLES = ("full", "short")
+
+
+def teacher_judgement(persona, question, response, critique_style="full"):
+    """The teacher's GRM output: `<critique>...</critique>` then the `<scores>` block.
+
+    `critique_style` "full" writes sentences; "short" writes the same problems as terse notes
+    ("not vegetarian: grilled steak; too formal"), a target a tiny distilled GRM learns far sooner.
+    """
+    if critique_style not in CRITIQUE_STYLES:
+        raise UserError(f"critique_style must be one of {CRITIQUE_STYLES}, got {critique_style!r}")
     scores, notes = _judge(persona, question, response)
+    if critique_style == "short":
+        critique = "; ".join(dict.fromkeys(short for _, short in notes))
+    else:
+        critique = " ".join(long for long, _ in notes)
     return (
-        f"<critique>{' '.join(notes)}</critique>\n<scores>\n"
+        f"<critique>{critique}</critique>\n<scores>\n"
         f"Helpfulness: {scores['helpfulness']}\n"
         f"Personalization: {scores['personalization']}\n"
         f"Natural: {scores['naturalness']}\n</scores>"
@@ -826,7 +848,7 @@ def _prompt_field(conversation, name):
     return m.group(1).replace("&lt;", "<")  # undo prompts.neutralize_markup
 
 
-def teacher_chat_judge(world=None):
+def teacher_chat_judge(world=None, critique_style="full"):
     """The teacher as a ChatJudge over `prompts.grm_messages` conversations (plays GPT-4o-mini).
 
     Everything is read back from the prompt (the persona rendering carries all attributes), so
@@ -839,7 +861,7 @@ def teacher_chat_judge(world=None):
     def judge(conversation):
         return teacher_judgement(_prompt_field(conversation, "PERSONA"),
                                  _prompt_field(conversation, "QUESTION"),
-                                 _prompt_field(conversation, "RESPONSE"))
+                                 _prompt_field(conversation, "RESPONSE"), critique_style)
 
     return CallableJudge(judge)
 
@@ -886,14 +908,15 @@ def tokenizer_corpus(world, n_responses=3000, seed=0):
     rng = random.Random(seed)
     personas = world.train_personas + world.eval_personas
     questions = world.train_questions + world.eval_questions
-    texts = [persona_text(p) for p in personas] + [q["text"] for q in questions]
+    # Every prompt carries a persona line and a question: seen often enough to become few tokens.
+    texts = ([persona_text(p) for p in personas] + [q["text"] for q in questions]) * 4
     texts += [f"{label}: {score}" for label in prompts.SCORE_LABELS for score in range(-5, 6)]
     for k in range(n_responses):
         persona, question = rng.choice(personas), rng.choice(questions)
         response = generate_response(world, persona, question, rng, random_quality(rng))
         judgement = teacher_judgement(persona, question, response)
-        texts += [response, judgement]
-        if k % 50 == 0:  # the fixed templates only need to be seen a few times
+        texts += [response, judgement, teacher_judgement(persona, question, response, "short")]
+        if k % 20 == 0:  # the fixed templates only need to be seen a few times
             user_prompt = policy_messages(persona, question)[0]["content"]
             for messages in (
                 policy_messages(persona, question),
@@ -956,6 +979,11 @@ def grm_teacher(conversation):
     """The teacher as a plain `fn(conversation) -> str`, for `module:function` judge settings
     (`--judge-fn cpe_jax.data.persona_world:grm_teacher`, `grm.judge_fn` in RL configs)."""
     return teacher_chat_judge().fn(conversation)
+
+
+def grm_teacher_short(conversation):
+    """`grm_teacher` with terse critiques (`critique_style="short"`), for distilling tiny GRMs."""
+    return teacher_chat_judge(critique_style="short").fn(conversation)
 
 
 def pairwise_teacher(conversation):
