@@ -1,5 +1,7 @@
 """Shared test helpers: tiny random transformers Qwen2 checkpoints saved to a directory."""
 
+import os
+
 import numpy as np
 
 
@@ -63,3 +65,8 @@ def make_persona_world_policy(path, *, seed=0, **model_kwargs):
     kwargs.update(model_kwargs)
     make_hf_qwen2(path, seed=seed, **kwargs)
     return tokenizer
+
+
+# The paper's sample rows live in shared/ beside the checkout (see ../shared/data/personafeedback_sample).
+SHARED_SAMPLE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                              "shared", "data", "personafeedback_sample"))

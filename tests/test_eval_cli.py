@@ -12,8 +12,9 @@ from cpe_jax.data.personafeedback import load_eval_set
 from cpe_jax.eval import lc_win_rate
 from cpe_jax.eval.run import evaluate
 from cpe_jax.reward.judges import CallableJudge, JudgeReply
+from tests.helpers import SHARED_SAMPLE
 
-SAMPLE = "/work/shared/data/personafeedback_sample/generate_data_300"
+SAMPLE = os.path.join(SHARED_SAMPLE, "generate_data_300")
 GPT4O = os.path.join(SAMPLE, "mix_gpt-4o.jsonl")
 GPT4O_MINI = os.path.join(SAMPLE, "mix_gpt-4o-mini.jsonl")
 

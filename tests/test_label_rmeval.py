@@ -5,8 +5,9 @@ import textwrap
 import pytest
 
 from cpe_jax import cli
+from tests.helpers import SHARED_SAMPLE
 
-SAMPLE = "/work/shared/data/personafeedback_sample"
+SAMPLE = SHARED_SAMPLE
 
 JUDGES = textwrap.dedent('''
     import re

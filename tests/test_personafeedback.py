@@ -9,8 +9,9 @@ import pytest
 
 from cpe_jax.data import personafeedback as pf
 from cpe_jax.errors import UserError
+from tests.helpers import SHARED_SAMPLE
 
-SAMPLE = "/work/shared/data/personafeedback_sample"
+SAMPLE = SHARED_SAMPLE
 if not os.path.isdir(SAMPLE):
     SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "personafeedback_sample")
 RELEASE_FILES = {"easy": "general_easy.jsonl", "medium": "general_mid.jsonl", "hard": "general_hard.jsonl"}

@@ -7,8 +7,9 @@ import pytest
 from cpe_jax.data import prompts
 from cpe_jax.data.personafeedback import format_persona, load_rl_prompts
 from cpe_jax.errors import UserError
+from tests.helpers import SHARED_SAMPLE
 
-SAMPLE = "/work/shared/data/personafeedback_sample"
+SAMPLE = SHARED_SAMPLE
 if not os.path.isdir(SAMPLE):
     SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "personafeedback_sample")
 

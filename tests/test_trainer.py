@@ -9,7 +9,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -27,7 +26,6 @@ def policy_dir(tmp_path_factory):
 
 
 def smoke_config(policy_dir, **overrides):
-    from ml_collections import config_flags  # noqa: F401  (ensures ml_collections is importable)
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("smoke", os.path.join(REPO, "configs", "smoke.py"))
