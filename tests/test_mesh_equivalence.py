@@ -1,7 +1,6 @@
 """Data, fsdp and tensor parallelism change where the work runs, never the result: SFT and PPO
 train steps on 8 devices give the loss and new weights of one device, with the big weights split."""
 
-
 from functools import partial
 
 import jax
