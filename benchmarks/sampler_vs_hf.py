@@ -19,39 +19,10 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import MODEL, matmul_peak, memory_bandwidth  # noqa: E402  (benchmarks/machine.py)
 
 PROMPT_LEN, NEW_TOKENS = 64, 128
-MODEL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-             tie_word_embeddings=False)
-
-
-def memory_bandwidth(size_bytes=512 << 20, repeats=5):
-    """Bytes per second of a large NumPy copy (read + write)."""
-    src = np.ones(size_bytes // 8, np.float64)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size_bytes / best
-
-
-def matmul_peak(n=2048, repeats=5):
-    """FLOP/s of a large float32 matmul under XLA."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def step_cost(cfg, batch, num_params):

@@ -25,26 +25,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import MODEL, matmul_peak  # noqa: E402  (benchmarks/machine.py)
 
 BATCH, LENGTH = 8, 512
-MODEL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-             tie_word_embeddings=False)
 LR, WEIGHT_DECAY = 1e-4, 0.01
-
-
-def matmul_peak(n=2048, repeats=5):
-    """FLOP/s of a large float32 matmul under XLA (the MFU denominator). The machine is shared,
-    so it is measured again between timed steps and the best figure is kept."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def step_flops(cfg, num_params):
