@@ -4,13 +4,15 @@ Forward + backward + AdamW on a random 26M-parameter Qwen2 (vocab 4096, hidden 5
 8 heads, 2 kv heads, intermediate 1376), batch 8 x 512 tokens, next-token cross-entropy.
 Ours: the product's SFT step (`cpe_jax.sft.train_step`, jitted with the state donated, optax
 AdamW). Theirs: transformers' `Qwen2ForCausalLM` + `torch.optim.AdamW`, eager. Both start from the
-same weights in the same process and run alternately; median of N timed steps after warm-up.
+same weights in the same process and run alternately (`machine.alternate`: each timed step
+follows an untimed one of the same framework); median of N timed steps after warm-up.
 Prints one JSON object per line: tokens/s of each, their ratio, and MFU (model FLOPs per step over
-the measured float32 matmul peak; 6 * matmul params * tokens + attention).
+the measured matmul peak of the compute dtype; 6 * matmul params * tokens + attention).
 
     python benchmarks/train_step.py [--repeats 3] [--dtypes float32 bfloat16]
 
-`bfloat16` runs our step with bfloat16 compute over float32 parameters (PyTorch stays float32).
+`bfloat16` runs our step with bfloat16 compute over float32 parameters; it is timed against
+PyTorch in float32 (the ratio) and under `torch.autocast("cpu", torch.bfloat16)` (reported too).
 """
 
 import argparse
@@ -18,14 +20,13 @@ import json
 import os
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from machine import MODEL, matmul_peak  # noqa: E402  (benchmarks/machine.py)
+from machine import MODEL, alternate, matmul_peak  # noqa: E402  (benchmarks/machine.py)
 
 BATCH, LENGTH = 8, 512
 LR, WEIGHT_DECAY = 1e-4, 0.01
@@ -77,14 +78,15 @@ def main():
              "targets": jnp.ones((BATCH, LENGTH), bool)}
     ids = torch.tensor(tokens, dtype=torch.long)
 
-    def theirs():
+    def theirs(autocast=False):
         opt.zero_grad(set_to_none=True)
-        loss = hf(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = hf(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         return loss.item()
 
-    peaks = [matmul_peak()]
+    peaks = {"float32": [matmul_peak()]}
     flops = step_flops(MODEL, num_params)
 
     print(json.dumps({"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
@@ -99,19 +101,18 @@ def main():
             state, metrics = fn(state, batch)
             return float(metrics["loss"])  # blocks until the step is done
 
-        def timed(f):
-            start = time.perf_counter()
-            value = f()
-            return time.perf_counter() - start, value
-
+        low_precision = dtype != "float32"
         ours_first, hf_first = ours(), theirs()  # warm-up (compiles)
-        ours(), theirs()
-        ours_times, hf_times = [], []
-        for _ in range(args.repeats):
-            ours_times.append(timed(ours)[0])
-            hf_times.append(timed(theirs)[0])
-            peaks.append(matmul_peak())
-        peak = max(peaks)
+        peaks.setdefault(dtype, [matmul_peak(dtype=dtype)])
+
+        def remeasure():
+            for d in {"float32", dtype}:
+                peaks[d].append(matmul_peak(dtype=d))
+
+        ours_times, hf_times = alternate(ours, theirs, args.repeats, remeasure)
+        if low_precision:
+            _, hf_autocast_times = alternate(ours, lambda: theirs(True), args.repeats)
+        peak, peak_f32 = max(peaks[dtype]), max(peaks["float32"])
         ours_t, hf_t = statistics.median(ours_times), statistics.median(hf_times)
         print(json.dumps({
             "dtype": dtype,
@@ -123,10 +124,13 @@ def main():
             "torch_seconds": [round(t, 3) for t in hf_times],
             "step_GFLOPs": round(flops / 1e9, 2),
             "ours_mfu": round(flops / ours_t / peak, 3),
-            "torch_mfu": round(flops / hf_t / peak, 3),
+            "torch_mfu": round(flops / hf_t / peak_f32, 3),
+            "matmul_peak_GFLOPs": {d: round(max(p) / 1e9, 2) for d, p in peaks.items()},
             # Equal on the first dtype's first step (same weights); later ones follow their own runs.
-            "matmul_peak_GFLOPs": round(peak / 1e9, 2),
             "warmup_loss": {"ours": round(ours_first, 4), "torch": round(hf_first, 4)},
+            **({"torch_autocast_bf16_tokens_per_s": round(BATCH * LENGTH / statistics.median(hf_autocast_times), 1),
+                "speedup_vs_torch_autocast_bf16": round(statistics.median(hf_autocast_times) / ours_t, 2)}
+               if low_precision else {}),
         }), flush=True)
 
 

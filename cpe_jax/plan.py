@@ -34,12 +34,14 @@ USABLE_FRACTION = 0.85  # XLA's own buffers, fragmentation and the estimate's er
 TENSOR_SIZES = (1, 2, 4, 8)  # tensor parallelism stays within a host's ICI neighbourhood
 
 # Per-token, per-layer activations kept for the backward pass, in units of (hidden E, q/o width
-# Hd = heads*head_dim, k/v width KVd, MLP width M, attention row S = heads*key_length), each a
-# compute-dtype element except the float32 attention scores (S). Counted from the residuals JAX
-# saves for each policy (`jax.ad_checkpoint.print_saved_residuals`; tests/test_plan.py checks it).
+# Hd = heads*head_dim, k/v width KVd, MLP width M, attention row S = heads*key_length over the
+# causal query blocks), each a compute-dtype element except the float32 attention scores (S).
+# Counted from the residuals JAX saves for each policy (`jax.ad_checkpoint.print_saved_residuals`;
+# tests/test_plan.py checks it). The attention's backward pass recomputes its probabilities, so
+# without remat no [T, T] scores are kept.
 SAVED_PER_TOKEN = {
-    "none": dict(E=6, Hd=3, KVd=3, M=6, S=3.25),  # every intermediate (and the boolean mask)
-    "dots": dict(E=2, Hd=2, KVd=2, M=2, S=1),  # projections and attention einsums
+    "none": dict(E=10, Hd=3, KVd=2, M=6, S=0),  # every intermediate
+    "dots": dict(E=2, Hd=2, KVd=2, M=2, S=1),  # projections and attention matmuls
     "dots_no_batch": dict(E=2, Hd=1, KVd=2, M=2, S=0),  # projections only (dots without batch dims)
     "full": dict(E=1, Hd=0, KVd=0, M=0, S=0),  # the layer input only
 }
@@ -122,8 +124,15 @@ def _per_layer_bytes(model_config, tokens: int, length: int, mesh_sizes: dict, p
                   KVd=split(c.num_key_value_heads) * c.head_dim, M=split(c.intermediate_size))
     counts = SAVED_PER_TOKEN[policy]
     a = np.dtype(c.dtype).itemsize
-    scores = counts["S"] * split(c.num_attention_heads) * length * 4
+    scores = counts["S"] * split(c.num_attention_heads) * causal_key_fraction(length) * length * 4
     return tokens * (sum(counts[k] * widths[k] * a for k in widths) + scores)
+
+
+def causal_key_fraction(length: int) -> float:
+    """Mean fraction of the keys a query block of the causal attention multiplies against."""
+    from cpe_jax.models.qwen2.model import QUERY_BLOCK, query_blocks
+
+    return sum((stop - start) * stop for start, stop in query_blocks(length, QUERY_BLOCK)) / length**2
 
 
 def saved_activation_bytes(model_config, rows: int, length: int, mesh_sizes: dict, remat: Optional[str] = None):
@@ -160,11 +169,11 @@ def kv_cache_bytes(model_config, rows: int, length: int, mesh_sizes: dict, dtype
     import numpy as np
 
     c = model_config
-    shape = (c.num_hidden_layers, rows, length, c.num_key_value_heads, c.head_dim)
+    shape = (rows, c.num_key_value_heads, length, c.head_dim)  # per layer
     from cpe_jax.models.qwen2.model import CACHE_LOGICAL_AXES
 
     ways = shard_fraction(CACHE_LOGICAL_AXES, shape, mesh_sizes)
-    return 2 * math.prod(shape) / ways * np.dtype(dtype or c.dtype).itemsize
+    return 2 * c.num_hidden_layers * math.prod(shape) / ways * np.dtype(dtype or c.dtype).itemsize
 
 
 # ---- whole configs ---------------------------------------------------------------------------------

@@ -175,7 +175,8 @@ def _continuation_logprobs(model, cache, cache_mask, n_valid, tables, end):
     b = cache_mask.shape[0]
     fed = jnp.tile(tables.candidate_tokens[:, : c - 1], (b, 1))  # [B*K, C-1]
     fed_mask = jnp.tile(tables.candidate_mask[:, : c - 1], (b, 1))
-    branch = {"k": jnp.repeat(cache["k"], k, axis=1), "v": jnp.repeat(cache["v"], k, axis=1), "end": cache["end"]}
+    branch = {**jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), {"k": cache["k"], "v": cache["v"]}),
+              "end": cache["end"]}
     branch_mask = jax.lax.dynamic_update_slice(jnp.repeat(cache_mask, k, axis=0), fed_mask, (0, end))
     positions = _positions(jnp.repeat(n_valid, k), fed_mask)
     logits, _ = model(fed, positions, branch, branch_mask)

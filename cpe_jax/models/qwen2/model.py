@@ -7,7 +7,7 @@ One forward serves training and KV-cache decoding:
     logits, new_cache = model(tokens, positions, cache, mask)
 
 Without a cache, `mask` is the [B, T] key-validity mask of the tokens themselves. With a cache
-({"k", "v": [L, B, KVH, S, D], "end": slots filled}), the T new tokens are written at slots
+({"k", "v": one [B, KVH, S, D] array per layer, "end": slots filled}), the T new tokens are written at slots
 [end, end + T) and `mask` is the [B, S] validity of every cache slot; attention is causal in slot
 order, so cached prompts are left-padded.
 """
@@ -15,6 +15,7 @@ order, so cached prompts are left-padded.
 import dataclasses
 import json
 import os
+from functools import partial
 from typing import Optional, Union
 
 import jax
@@ -237,6 +238,189 @@ def rotary(x, positions, theta):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
+def _dense(x, kernel, bias=None, out_dtype=None):
+    """x [B, T, E] times kernel [E, ...] (+ bias [...]) as ONE 2-D [B*T, E] matmul accumulating
+    in float32, the kernel and bias cast to x's dtype.
+
+    2-D because XLA:CPU emits the backward pass of a 3-D dot with slow fused transposes (~2x the
+    cost of the whole MLP backward); a float32 result, with the bias added in float32, because
+    XLA:CPU runs a bfloat16-output dot as a float32 one (bfloat16 x bfloat16 -> float32 runs on
+    AMX, ~5x faster) and sums a bfloat16 bias gradient through a slow exact reduction."""
+    b, t, e = x.shape
+    x2, k2 = x.reshape(b * t, e), kernel.astype(x.dtype).reshape(e, -1)
+    out = jnp.dot(x2, k2) if x.dtype == jnp.float32 else _low_precision_matmul(x2, k2)
+    if bias is not None:
+        out = out + bias.astype(x.dtype).astype(jnp.float32).reshape(-1)
+    return out.astype(out_dtype or x.dtype).reshape(b, t, *kernel.shape[1:])
+
+
+@jax.custom_vjp
+def _low_precision_matmul(x, kernel):
+    """x @ kernel in the inputs' dtype with a float32 result, whose gradients are also computed
+    as input-dtype matmuls (autodiff alone would run them on the float32 cotangent)."""
+    return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+
+
+def _low_precision_matmul_fwd(x, kernel):
+    return _low_precision_matmul(x, kernel), (x, kernel)
+
+
+def _low_precision_matmul_bwd(residuals, g):
+    x, kernel = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, _transposed_copy(kernel), preferred_element_type=jnp.float32)
+    dk = jnp.dot(_transposed_copy(x), g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _transposed_copy(a):
+    """a.T as a row-major copy. XLA folds a plain transpose into the dot's dimension numbers, and
+    XLA:CPU runs a bfloat16 dot with a transposed operand ~5x slower than a row-major one."""
+    return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[1], a.shape[0])
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+QUERY_BLOCK = 128  # rows of a causal attention block (without a cache)
+
+
+def _matmul(a, b):
+    """Batched a [..., I, J] @ b [..., J, L] with a float32 result."""
+    return jnp.einsum("...ij,...jl->...il", a, b, preferred_element_type=jnp.float32)
+
+
+def _swap_minor(a):
+    """a with its last two axes swapped, as a row-major copy (see `_transposed_copy`)."""
+    swapped = jnp.swapaxes(a, -1, -2)
+    return jax.lax.optimization_barrier(swapped.reshape(-1)).reshape(swapped.shape)
+
+
+def query_blocks(t, block):
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def _causal_allowed(start, stop, key_mask):
+    """[B, stop - start, stop]: query t in [start, stop) may see key s <= t where the key is valid."""
+    causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+    return causal[None] & key_mask[:, None, :stop]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _causal_attention(q, k, v, key_mask, groups, block):
+    """Causal softmax attention without a cache, flash style: q [B, KVH, T*G, D] (rows t-major,
+    the G query heads of a kv head side by side), k, v [B, KVH, T, D], key_mask [B, T].
+
+    Query block i only meets keys before its end, which skips most of the upper triangle; the
+    backward pass recomputes the probabilities from the saved log-sum-exp instead of keeping a
+    [T, T] matrix per head, and every matmul in both passes reads row-major operands (the fast
+    form on XLA:CPU, AMX for bfloat16)."""
+    return _causal_attention_fwd(q, k, v, key_mask, groups, block)[0]
+
+
+def _masked_scores(scores, allowed, groups):
+    """scores [B, KVH, R, S] (R = rows t-major) where allowed [B, R/groups, S], else the mask value."""
+    b, kvh, r, s = scores.shape
+    scores = scores.reshape(b, kvh, r // groups, groups, s)
+    scores = jnp.where(allowed[:, None, :, None, :], scores, _MASK_VALUE)
+    return scores.reshape(b, kvh, r, s)
+
+
+def _causal_attention_fwd(q, k, v, key_mask, groups, block):
+    scale = q.shape[-1] ** -0.5
+    outs, lses = [], []
+    for start, stop in query_blocks(k.shape[2], block):
+        scores = _matmul(q[:, :, start * groups: stop * groups], _swap_minor(k[:, :, :stop])) * scale
+        scores = _masked_scores(scores, _causal_allowed(start, stop, key_mask), groups)
+        top = jnp.max(scores, axis=-1, keepdims=True)
+        probs = jnp.exp(scores - top)
+        total = jnp.sum(probs, axis=-1, keepdims=True)
+        outs.append(_matmul(probs.astype(v.dtype), v[:, :, :stop]) / total)
+        lses.append((top + jnp.log(total))[..., 0])
+    out = jnp.concatenate(outs, axis=2).astype(q.dtype)
+    lse = jnp.concatenate(lses, axis=2)
+    return out, (q, k, v, key_mask, out, lse)
+
+
+def _causal_attention_bwd(groups, block, residuals, d_out):
+    """Flash-attention backward in key-major form: with s^T = k q^T every product below is a
+    row-major matmul; only q^T, dO^T and dq are transposed copies."""
+    q, k, v, key_mask, out, lse = residuals
+    scale = q.shape[-1] ** -0.5
+    dt = q.dtype
+    d_out = d_out.astype(dt)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, KVH, R]
+    q_t, d_out_t = _swap_minor(q), _swap_minor(d_out)
+    blocks = query_blocks(k.shape[2], block)
+    dk_parts, dv_parts = [[] for _ in blocks], [[] for _ in blocks]
+    dq_t = []
+    for i, (start, stop) in enumerate(blocks):
+        rows = slice(start * groups, stop * groups)
+        k_i, v_i = k[:, :, :stop], v[:, :, :stop]
+        scores_t = _matmul(k_i, q_t[..., rows]) * scale  # [B, KVH, stop, R_i]
+        allowed_t = jnp.swapaxes(_causal_allowed(start, stop, key_mask), 1, 2)
+        b, kvh, s, r = scores_t.shape
+        scores_t = jnp.where(allowed_t[:, None, :, :, None], scores_t.reshape(b, kvh, s, r // groups, groups),
+                             _MASK_VALUE).reshape(b, kvh, s, r)
+        probs_t = jnp.exp(scores_t - lse[:, :, None, rows])
+        dv_i = _matmul(probs_t.astype(dt), d_out[:, :, rows])
+        dprobs_t = _matmul(v_i, d_out_t[..., rows])
+        dscores_t = (probs_t * (dprobs_t - delta[:, :, None, rows]) * scale).astype(dt)
+        dk_i = _matmul(dscores_t, q[:, :, rows])
+        dq_t.append(_matmul(_swap_minor(k_i), dscores_t))
+        for j, (key_start, key_stop) in enumerate(blocks[: i + 1]):
+            dk_parts[j].append(dk_i[:, :, key_start:key_stop])
+            dv_parts[j].append(dv_i[:, :, key_start:key_stop])
+    dq = _swap_minor(jnp.concatenate(dq_t, axis=-1))
+    dk = jnp.concatenate([sum(parts) for parts in dk_parts], axis=2)
+    dv = jnp.concatenate([sum(parts) for parts in dv_parts], axis=2)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
+def _attention(q, k, v, allowed):
+    """Softmax attention of q [B, KVH, G, T, D] over k, v [B, KVH, S, D] where allowed [B, T, S];
+    the G query heads of a kv head share one matmul against its keys."""
+    b, kvh, groups, t, d = q.shape
+    s = k.shape[2]
+    scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kvh, groups * t, d), k,
+                        preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kvh, groups, t, s) * (d ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kvh, groups * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, kvh, groups, t, d)
+
+
+def _write_slots(cache, new, end):
+    """cache [B, KVH, S, D] with `new` [B, KVH, T, D] written at slots [end, end + T), in place.
+
+    A 16-bit cache is updated as raw bits: XLA moves the float32 -> bfloat16 conversion of `new`
+    past the update, which then rewrites the whole cache through float32 at every step."""
+    start = (0, 0, end, 0)
+    new = new.astype(cache.dtype)
+    if cache.dtype.itemsize != 2:
+        return jax.lax.dynamic_update_slice(cache, new, start)
+    bits = jax.lax.bitcast_convert_type
+    updated = jax.lax.dynamic_update_slice(bits(cache, jnp.uint16), bits(new, jnp.uint16), start)
+    return bits(updated, cache.dtype)
+
+
+def _decode_attention(q, k, v, allowed):
+    """`_attention` for one query position (allowed [B, S]), with slot-major scores [B, KVH, S, G]:
+    XLA:CPU runs the query-major q.k^T of a few query rows against a whole cache ~6x slower than
+    k.q^T, and both products run fastest on row-major operands (q^T and p are tiny copies)."""
+    d = q.shape[-1]
+    scores = _matmul(k, _swap_minor(q[:, :, :, 0]))
+    scores = jnp.where(allowed[:, None, :, None], scores * (d ** -0.5), _MASK_VALUE)
+    probs = _swap_minor(jax.nn.softmax(scores, axis=2).astype(q.dtype))
+    return _matmul(probs, v).astype(q.dtype)[:, :, :, None]
+
+
 # ---- layers ----------------------------------------------------------------------------------
 
 
@@ -246,10 +430,13 @@ class RMSNorm(nnx.Module):
         self.weight = _param(rngs, nnx.initializers.ones, (size,), param_dtype, ("norm",))
 
     def __call__(self, x):
+        # The scale is applied in float32 too: a bfloat16 weight gradient is summed by XLA:CPU
+        # through a slow exact reduction.
         dtype = x.dtype
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(dtype) * x.astype(dtype)
+        weight = self.weight[...].astype(dtype).astype(jnp.float32)
+        return (weight * x.astype(dtype).astype(jnp.float32)).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -266,44 +453,49 @@ class Attention(nnx.Module):
         self.v_bias = _param(rngs, zeros, (kv, d), pd, ("kv_heads", "head_dim"))
         self.o_kernel = _param(rngs, init, (h, d, e), pd, ("heads", "head_dim", "embed"))
 
-    def __call__(self, x, positions, mask, cache_kv, cache_end, layer_index):
+    def __call__(self, x, positions, mask, cache_kv, cache_end):
         cfg, dt = self.cfg, x.dtype
         b, t = x.shape[:2]
         kvh, d = cfg.num_key_value_heads, cfg.head_dim
         groups = cfg.num_attention_heads // kvh
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+        q = _dense(x, self.q_kernel[...], self.q_bias[...])
+        k = _dense(x, self.k_kernel[...], self.k_bias[...])
+        v = _dense(x, self.v_kernel[...], self.v_bias[...])
         q = constrain(rotary(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
         k = rotary(k, positions, cfg.rope_theta)
         # Head-major [B, KVH, T, D] (the cache layout): both attention matmuls then batch over
         # (b, kv head) and contract the minor dimensions, so the cache is never transposed.
-        q = q.reshape(b, t, kvh, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, groups * t, d)
+        q = q.reshape(b, t, kvh, groups, d).transpose(0, 2, 3, 1, 4)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
         query_slots = jnp.arange(t)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv
-            start = (layer_index, 0, 0, cache_end, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-            k, v = cache_k[layer_index].astype(dt), cache_v[layer_index].astype(dt)
+            cache_k = _write_slots(cache_k, k, cache_end)
+            cache_v = _write_slots(cache_v, v, cache_end)
+            k, v = cache_k.astype(dt), cache_v.astype(dt)
             query_slots = query_slots + cache_end
             new_cache_kv = (cache_k, cache_v)
         else:
             new_cache_kv = None
-        s = k.shape[2]
-        allowed = (jnp.arange(s)[None, :] <= query_slots[:, None])[None] & mask[:, None, :].astype(bool)
-
-        scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, kvh, groups, t, s) * (d ** -0.5)
-        scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, groups * t, s)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, groups, t, d)
+        if cache_kv is None:
+            # Training and scoring: rows t-major, [B, KVH, T*G, D].
+            rows = q.transpose(0, 1, 3, 2, 4).reshape(b, kvh, t * groups, d)
+            out = _causal_attention(rows, k, v, mask.astype(bool), groups, QUERY_BLOCK)
+            out = out.reshape(b, kvh, t, groups, d).transpose(0, 2, 1, 3, 4)
+        else:
+            s = k.shape[2]
+            allowed = (jnp.arange(s)[None, :] <= query_slots[:, None])[None] & mask[:, None, :].astype(bool)
+            q = q.reshape(b, kvh, groups, t, d)
+            if t == 1:
+                out = _decode_attention(q, k, v, allowed[:, 0])
+            else:
+                out = _attention(q, k, v, allowed)
+            out = out.transpose(0, 3, 1, 2, 4)
         # One [B*T, H*D] x [H*D, E] matmul: the kernel keeps its stored layout.
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, kvh * groups * d)
-        o_kernel = self.o_kernel[...].astype(dt)
-        out = out @ o_kernel.reshape(-1, o_kernel.shape[-1])
+        out = out.reshape(b, t, kvh * groups * d)
+        o_kernel = self.o_kernel[...]
+        out = _dense(out, o_kernel.reshape(-1, o_kernel.shape[-1]))
         return out, new_cache_kv
 
 
@@ -316,11 +508,10 @@ class MLP(nnx.Module):
         self.down_kernel = _param(rngs, init, (m, e), pd, ("mlp", "embed"))
 
     def __call__(self, x):
-        dt = x.dtype
-        gate = x @ self.gate_kernel[...].astype(dt)
-        up = x @ self.up_kernel[...].astype(dt)
+        gate = _dense(x, self.gate_kernel[...])
+        up = _dense(x, self.up_kernel[...])
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return h @ self.down_kernel[...].astype(dt)
+        return _dense(h, self.down_kernel[...])
 
 
 class DecoderLayer(nnx.Module):
@@ -330,15 +521,15 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache_kv, cache_end, layer_index):
-        attn_out, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, cache_end, layer_index)
+    def __call__(self, x, positions, mask, cache_kv, cache_end):
+        attn_out, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, cache_end)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_norm(x))
         return constrain(x, ("batch", "length", "embed")), cache_kv
 
 
-def _run_layer(layer, x, positions, mask, cache_kv, cache_end, layer_index):
-    return layer(x, positions, mask, cache_kv, cache_end, layer_index)
+def _run_layer(layer, x, positions, mask, cache_kv, cache_end):
+    return layer(x, positions, mask, cache_kv, cache_end)
 
 
 # ---- model -----------------------------------------------------------------------------------
@@ -361,7 +552,7 @@ class Qwen2ForCausalLM(nnx.Module):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         if mask is None:
-            width = tokens.shape[1] if cache is None else cache["k"].shape[3]
+            width = tokens.shape[1] if cache is None else cache["k"][0].shape[2]
             mask = jnp.ones((tokens.shape[0], width), dtype=bool)
         if positions is None:
             positions = positions_from_mask(mask if cache is None else mask[:, : tokens.shape[1]])
@@ -370,20 +561,24 @@ class Qwen2ForCausalLM(nnx.Module):
         run = _run_layer
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
-            run = nnx.remat(_run_layer, policy=policy, static_argnums=(6,))
-        cache_kv = (cache["k"], cache["v"]) if cache is not None else None
+            run = nnx.remat(_run_layer, policy=policy)
         cache_end = cache["end"] if cache is not None else None
+        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, cache_kv = run(layer, x, positions, mask, cache_kv, cache_end, i)
+            cache_kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
+            x, cache_kv = run(layer, x, positions, mask, cache_kv, cache_end)
+            if cache is not None:
+                new_k.append(cache_kv[0])
+                new_v.append(cache_kv[1])
         hidden = self.final_norm(x)
 
         new_cache = None
         if cache is not None:
-            new_cache = {"k": cache_kv[0], "v": cache_kv[1], "end": cache["end"] + tokens.shape[1]}
+            new_cache = {"k": tuple(new_k), "v": tuple(new_v), "end": cache["end"] + tokens.shape[1]}
         logits = None
         if not skip_logits:
             head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-            logits = jnp.einsum("bte,ev->btv", hidden, head.astype(dt), preferred_element_type=jnp.float32)
+            logits = _dense(hidden, head, out_dtype=jnp.float32)
             logits = constrain(logits, ("batch", "length", "vocab"))
         if return_hidden:
             return logits, new_cache, hidden
@@ -392,18 +587,21 @@ class Qwen2ForCausalLM(nnx.Module):
 
 # ---- KV cache --------------------------------------------------------------------------------
 
-CACHE_LOGICAL_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
+CACHE_LOGICAL_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 
 
 def init_cache(config: Qwen2Config, batch_size: int, max_length: int, dtype=None) -> dict:
     """Preallocated KV cache for `max_length` slots per row, in the compute dtype by default.
 
-    Head-major [L, B, KVH, S, D]: a layer's keys of one head are contiguous, which is the layout
-    the attention matmuls read (a slot-major cache costs a transpose per layer and step)."""
-    shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+    One array per layer, head-major [B, KVH, S, D]: a head's keys are contiguous, which is the
+    layout the attention matmuls read (a slot-major cache costs a transpose per layer and step),
+    and a layer's cache is its own buffer (slicing it out of a stacked [L, ...] array is a copy
+    per layer and step on XLA:CPU)."""
+    shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
-    return {
-        "k": constrain(jnp.zeros(shape, dtype), CACHE_LOGICAL_AXES),
-        "v": constrain(jnp.zeros(shape, dtype), CACHE_LOGICAL_AXES),
-        "end": jnp.zeros((), jnp.int32),
-    }
+
+    def zeros():
+        return tuple(constrain(jnp.zeros(shape, dtype), CACHE_LOGICAL_AXES)
+                     for _ in range(config.num_hidden_layers))
+
+    return {"k": zeros(), "v": zeros(), "end": jnp.zeros((), jnp.int32)}
