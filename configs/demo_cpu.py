@@ -1,4 +1,4 @@
-"""`cpe-jax demo`: the paper's pipeline in miniature on PersonaWorld, sized for a 2-core CPU (~15 min).
+"""`cpe-jax demo`: the paper's pipeline in miniature on PersonaWorld, sized for a 2-core CPU (~8 min).
 
     cpe-jax demo --out demo_out [--seed N] [--config configs/demo_cpu.py]
 
@@ -21,8 +21,9 @@ def get_config():
     c.world.edit_rows = 800  # post-edit demonstrations: revise a reply from a critique
     c.world.edit_p_fix = 0.8  # chance each criticised flaw is fixed in the revision
     c.world.label_rows = 4000  # responses the teacher judges for GRM distillation
+    c.world.label_damaged_fraction = 0.3  # of them broken the ways RL policies break (no suggestion, cut off, ...)
     c.world.grm_eval_pairs = 200  # held-out pairs for the GRM's agreement with the teacher
-    c.world.eval_examples = 200  # held-out (persona, question) pairs for the win rates
+    c.world.eval_examples = 400  # held-out (persona, question) pairs for the win rates
 
     # Tiny Qwen2 shapes for the policy and the GRM.
     c.policy_model = ml_collections.ConfigDict(dict(
@@ -34,7 +35,7 @@ def get_config():
 
     # `cpe-jax sft --config=configs/sft.py` overrides.
     c.sft = ml_collections.ConfigDict(dict(
-        batch_size=32, epochs=2, lr=5e-3, warmup_steps=10, max_length=320, bucket_size=32,
+        batch_size=32, epochs=4, lr=5e-3, warmup_steps=10, max_length=320, bucket_size=32,
         save_every=100, mesh=ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})))
     c.grm = ml_collections.ConfigDict()
     c.grm.sft = ml_collections.ConfigDict(dict(
@@ -49,7 +50,7 @@ def get_config():
     c.rl.total_steps = 20
     c.rl.save_every = 10
     c.rl.ppo = ml_collections.ConfigDict(dict(
-        prompts_per_step=16, rollouts_per_prompt=4, mini_batch_size=8, actor_lr=1e-3, critic_lr=1e-3))
+        prompts_per_step=16, rollouts_per_prompt=4, mini_batch_size=8, actor_lr=2e-4, critic_lr=1e-3))
     c.rl.rollout = ml_collections.ConfigDict(dict(max_prompt_length=96, max_response_length=56))
     c.rl.edit = ml_collections.ConfigDict(dict(ratio=0.5, max_prompt_length=256))
 

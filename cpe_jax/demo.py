@@ -152,16 +152,21 @@ def sft_rows(world, n_answers, n_edits, p_good, p_fix, seed, critique_style="ful
     return rows
 
 
-def label_inputs(world, n, seed):
-    """Responses of every quality for the teacher to judge: the GRM's distillation inputs."""
+def label_inputs(world, n, seed, damaged_fraction=0.0):
+    """Responses of every quality for the teacher to judge: the GRM's distillation inputs, a
+    `damaged_fraction` of them broken the ways RL policies break (`persona_world.damaged_response`)."""
     from cpe_jax.data import persona_world as pw
 
     rng = random.Random(seed)
     rows = []
     for k, (persona, question) in enumerate(pw.sample_prompts(world, "train", n, rng)):
-        quality = pw.random_quality(rng, rng.uniform(0.2, 0.9))
+        if rng.random() < damaged_fraction:
+            response = pw.damaged_response(world, persona, question, rng)
+        else:
+            quality = pw.random_quality(rng, rng.uniform(0.2, 0.9))
+            response = pw.generate_response(world, persona, question, rng, quality)
         rows.append({"id": k, "persona": pw.persona_text(persona), "question": question["text"],
-                     "response": pw.generate_response(world, persona, question, rng, quality)})
+                     "response": response})
     return rows
 
 
@@ -241,7 +246,8 @@ def run(out, config, seed=0, config_path=""):
         *_flags("", {k: v for k, v in c.sft.items() if k != "mesh"}), *mesh), "cpe-jax sft (policy)")
 
     def label():
-        _write_jsonl(path("data", "label_input.jsonl"), label_inputs(world, c.world.label_rows, seed + 1))
+        _write_jsonl(path("data", "label_input.jsonl"), label_inputs(world, c.world.label_rows, seed + 1,
+                                                                 c.world.get("label_damaged_fraction", 0.0)))
         _cli("label", "--judge", "python", "--judge-fn", GRM_TEACHERS[critique_style], "--input", path("data", "label_input.jsonl"),
              "--out", path("data", "labels.jsonl.partial"), "--batch-size", 256)
         rows = [{"messages": r["messages"]} for r in _read_jsonl(path("data", "labels.jsonl.partial")) if r["valid"]]

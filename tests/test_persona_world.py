@@ -183,6 +183,28 @@ def test_garbled_and_empty_answers_score_low():
         "helpfulness": -5, "personalization": -5, "naturalness": -5}
 
 
+def test_damaged_responses_cost_what_the_teacher_says(world):
+    """Every damage is seeded and deterministic; the content-free ones score below any answer
+    that makes a suggestion, and each is named by the teacher."""
+    rng = random.Random(0)
+    for damage in pw.DAMAGES:
+        p, q = pw.sample_prompts(world, "train", 1, rng)[0]
+        a = pw.damaged_response(world, p, q, random.Random(5), damage)
+        assert a == pw.damaged_response(world, p, q, random.Random(5), damage)
+    notes = {"no_suggestion": "no concrete suggestion", "only_link": "no concrete suggestion",
+             "opener_only": "no concrete suggestion", "repeated": "is repeated",
+             "stutter": "same word several times"}
+    for damage, note in notes.items():
+        for k in range(10):
+            p, q = pw.sample_prompts(world, "train", 1, random.Random(k))[0]
+            response = pw.damaged_response(world, p, q, random.Random(100 + k), damage)
+            assert note in pw.teacher_judgement(p, q, response), (damage, response)
+            if note == "no concrete suggestion":
+                assert pw.teacher_reward(p, q, response) < 0, (damage, response)
+    with pytest.raises(UserError, match="damage must be one of"):
+        pw.damaged_response(world, p, q, rng, "melted")
+
+
 def test_pairwise_preference_is_a_logistic_of_the_weighted_score_difference():
     persona = _persona()
     steak = GOOD_FOOD.replace("Grab a lentil curry!", "Grab a grilled steak!")

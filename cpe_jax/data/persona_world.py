@@ -548,6 +548,49 @@ def noisy_demonstration(world, persona, question, rng, p_good=0.5):
     return generate_response(world, persona, question, rng, random_quality(rng, p_good))
 
 
+DAMAGES = ("no_suggestion", "only_link", "truncated", "repeated", "garbled", "stutter", "opener_only")
+
+
+def damaged_response(world, persona, question, rng, damage=None):
+    """A response broken in a way a policy under RL drifts into and the grammar never produces:
+    no suggestion at all, just an interest link, cut off mid-sentence, one sentence repeated,
+    words dropped, a stuttered word, or a greeting alone. A reward model distilled from the
+    teacher must see these to score them as badly as the teacher does."""
+    rng = _as_rng(rng)
+    damage = damage or rng.choice(DAMAGES)
+    if damage not in DAMAGES:
+        raise UserError(f"damage must be one of {DAMAGES}, got {damage!r}")
+    sentences = split_sentences(generate_response(world, persona, question, rng, random_quality(rng, 0.7)))
+    opener, body, closer = sentences[0], sentences[1:-1], sentences[-1]
+    with_items = [s for s in body if _ITEM_PATTERN.search(_norm(s))]
+    if damage == "no_suggestion":
+        body = [s for s in body if s not in with_items]
+    elif damage == "only_link":
+        attrs = _persona_attrs(persona)
+        interest = rng.choice(attrs["interests"] if rng.random() < 0.7 else INTERESTS)
+        body = [f"Since you {rng.choice(('love', 'enjoy', 'like'))} {interest}, {INTEREST_LINKS[interest]}."]
+        body *= rng.randint(1, 3)
+    elif damage == "truncated":
+        words = " ".join([opener, *body, closer]).split()
+        return " ".join(words[: rng.randint(2, max(3, len(words) - 2))])
+    elif damage == "repeated":
+        sentence = rng.choice(body or [opener])
+        body = body + [sentence] * rng.randint(2, 4)
+    elif damage == "garbled":
+        def drop_words(sentence):
+            words = sentence.split()
+            keep = [w for w in words if rng.random() > 0.35] or words[:1]
+            return " ".join(keep)
+        body = [drop_words(s) if rng.random() < 0.6 else s for s in body]
+    elif damage == "stutter":
+        words = " ".join(body).split() or opener.split()
+        k = rng.randrange(len(words))
+        body = [" ".join(words[:k] + [words[k]] * 3 + words[k + 1:])]
+    elif damage == "opener_only":
+        return opener if rng.random() < 0.5 else f"{opener} {closer}"
+    return " ".join([opener, *body, closer])
+
+
 # ------------------------------------------------------------------------------------------------
 # Programmatic teacher: parse the response text, score, critique
 # ------------------------------------------------------------------------------------------------
