@@ -19,9 +19,9 @@ def get_config():
     c.world.sft_rows = 2400  # noisy demonstrations (the SFT policy starts mediocre)
     c.world.sft_p_good = 0.5  # chance each aspect of a demonstration is right
     c.world.edit_rows = 800  # post-edit demonstrations: revise a reply from a critique
-    c.world.edit_p_fix = 0.8  # chance each criticised flaw is fixed in the revision
+    c.world.edit_p_fix = 0.8  # chance each criticised flaw is fixed in the (minimal) revision
+    c.world.damaged_fraction = 0.3  # label inputs and edited originals broken the ways RL policies break
     c.world.label_rows = 4000  # responses the teacher judges for GRM distillation
-    c.world.label_damaged_fraction = 0.3  # of them broken the ways RL policies break (no suggestion, cut off, ...)
     c.world.grm_eval_pairs = 200  # held-out pairs for the GRM's agreement with the teacher
     c.world.eval_examples = 400  # held-out (persona, question) pairs for the win rates
 

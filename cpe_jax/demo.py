@@ -122,16 +122,10 @@ def init_model(out_dir, tokenizer_dir, shapes, seed):
     save_model(model, out_dir, tokenizer_dir=tokenizer_dir)
 
 
-def _revised_quality(quality, rng, p_fix):
-    """The quality of a revision: each flaw of the original is fixed with probability p_fix."""
-    from cpe_jax.data import persona_world as pw
-
-    best = pw.BEST_QUALITY
-    return {k: (best[k] if v != best[k] and rng.random() < p_fix else v) for k, v in quality.items()}
-
-
-def sft_rows(world, n_answers, n_edits, p_good, p_fix, seed, critique_style="full"):
-    """Policy SFT rows: noisy answers to the policy prompt, and revisions after a teacher critique."""
+def sft_rows(world, n_answers, n_edits, p_good, p_fix, seed, critique_style="full", damaged_fraction=0.0):
+    """Policy SFT rows: noisy answers to the policy prompt, and minimal revisions of noisy (a
+    `damaged_fraction` of them broken) answers after the teacher's critique of them (each
+    criticised flaw fixed with probability p_fix)."""
     from cpe_jax.data import persona_world as pw
     from cpe_jax.data.prompts import post_edit_messages
     from cpe_jax.reward.grm import parse_grm_output
@@ -142,10 +136,12 @@ def sft_rows(world, n_answers, n_edits, p_good, p_fix, seed, critique_style="ful
         rows.append({"prompt": pw.policy_messages(persona, question),
                      "response": pw.noisy_demonstration(world, persona, question, rng, p_good)})
     for persona, question in pw.sample_prompts(world, "train", n_edits, rng):
-        quality = pw.random_quality(rng, p_good)
-        original = pw.generate_response(world, persona, question, rng, quality)
+        if rng.random() < damaged_fraction:
+            original = pw.damaged_response(world, persona, question, rng)
+        else:
+            original = pw.generate_response(world, persona, question, rng, pw.random_quality(rng, p_good))
         critique = parse_grm_output(pw.teacher_judgement(persona, question, original, critique_style)).critique
-        revised = pw.generate_response(world, persona, question, rng, _revised_quality(quality, rng, p_fix))
+        revised = pw.revise_response(world, persona, question, original, rng, p_fix)
         user_prompt = pw.policy_messages(persona, question)[0]["content"]
         rows.append({"prompt": post_edit_messages(user_prompt, original, critique), "response": revised})
     rng.shuffle(rows)
@@ -238,7 +234,8 @@ def run(out, config, seed=0, config_path=""):
                  lambda: init_model(path("policy_init"), path("tokenizer"), c.policy_model, seed),
                  "random tiny Qwen2 policy")
     progress.run("sft-data", exists("data", "sft.jsonl"), lambda: _write_jsonl(path("data", "sft.jsonl"), sft_rows(
-        world, c.world.sft_rows, c.world.edit_rows, c.world.sft_p_good, c.world.edit_p_fix, seed, critique_style)),
+        world, c.world.sft_rows, c.world.edit_rows, c.world.sft_p_good, c.world.edit_p_fix, seed, critique_style,
+        c.world.get("damaged_fraction", 0.0))),
         "noisy demonstrations and post-edit demonstrations")
     progress.run("sft", exists("policy_sft", "final"), lambda: _cli(
         "sft", f"--config={sft_config}", f"--workdir={path('policy_sft')}", f"--config.model={path('policy_init')}",
@@ -247,7 +244,7 @@ def run(out, config, seed=0, config_path=""):
 
     def label():
         _write_jsonl(path("data", "label_input.jsonl"), label_inputs(world, c.world.label_rows, seed + 1,
-                                                                 c.world.get("label_damaged_fraction", 0.0)))
+                                                                 c.world.get("damaged_fraction", 0.0)))
         _cli("label", "--judge", "python", "--judge-fn", GRM_TEACHERS[critique_style], "--input", path("data", "label_input.jsonl"),
              "--out", path("data", "labels.jsonl.partial"), "--batch-size", 256)
         rows = [{"messages": r["messages"]} for r in _read_jsonl(path("data", "labels.jsonl.partial")) if r["valid"]]

@@ -205,6 +205,28 @@ def test_damaged_responses_cost_what_the_teacher_says(world):
         pw.damaged_response(world, p, q, rng, "melted")
 
 
+def test_revision_fixes_what_the_teacher_criticises_and_keeps_the_rest(world):
+    persona = _persona(diet="vegetarian", budget="low", tone="casual", length="short")
+    original = ("Hey! Grab a grilled steak! Try a bean chili, so cool! Try a bean chili, so cool! "
+                "Cook a big batch and keep some for later. Since you love hiking, plan it around a trail walk. Have fun!")
+    revised = pw.revise_response(world, persona, FOOD_Q, original, random.Random(0))
+    assert "steak" not in revised and revised.count("bean chili") == 1
+    assert revised.startswith("Hey! ") and revised.endswith("Have fun!")
+    assert "Since you love hiking, plan it around a trail walk." in revised  # untouched
+    assert pw.teacher_scores(persona, FOOD_Q, revised) == {"helpfulness": 5, "personalization": 5, "naturalness": 5}
+    # On any response, full revision never lowers the teacher's reward; p_fix=0 changes nothing
+    # but garbled sentences kept as they are.
+    rng = random.Random(1)
+    for k in range(200):
+        p, q = pw.sample_prompts(world, "train", 1, rng)[0]
+        response = (pw.damaged_response(world, p, q, rng) if k % 3 == 0
+                    else pw.generate_response(world, p, q, rng, pw.random_quality(rng, 0.4)))
+        fixed = pw.revise_response(world, p, q, response, rng)
+        assert pw.teacher_reward(p, q, fixed) >= max(pw.teacher_reward(p, q, response), 3.0), (response, fixed)
+        if k % 3:
+            assert pw.revise_response(world, p, q, response, rng, p_fix=0.0) == response
+
+
 def test_pairwise_preference_is_a_logistic_of_the_weighted_score_difference():
     persona = _persona()
     steak = GOOD_FOOD.replace("Grab a lentil curry!", "Grab a grilled steak!")

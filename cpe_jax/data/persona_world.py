@@ -591,6 +591,116 @@ def damaged_response(world, persona, question, rng, damage=None):
     return " ".join([opener, *body, closer])
 
 
+def revise_response(world, persona, question, response, rng, p_fix=1.0):
+    """A minimal revision of `response`: the sentences the teacher faults are dropped or fixed in
+    place (each fix made with probability `p_fix`) and everything else is kept word for word, the
+    way a good editor answers a critique. Repeats, fillers, drifts and garbled sentences go; an
+    item that breaks the diet, budget or expertise is swapped for one that fits, in the same
+    sentence; wrong-tone openers, closers and suggestions are rewritten in the persona's tone; a
+    wrong interest link is replaced, a missing one added; the number of suggestions is brought to
+    the preferred length (and a high budget gets a luxury option)."""
+    del world
+    rng = _as_rng(rng)
+    attrs = _persona_attrs(persona)
+    category = question_category(question)
+    tone, wrong_tone = attrs["tone"], _other(TONES, attrs["tone"])
+    fix = lambda: rng.random() < p_fix  # noqa: E731
+    sentences = split_sentences(response)
+    if not sentences:
+        return best_response(None, persona, question, rng)
+    good = [i for i in ITEMS_BY_CATEGORY[category] if _respects(i, attrs, category)]
+    used = {i for s in sentences for i in map(ITEM_BY_NAME.get, _ITEM_PATTERN.findall(_norm(s))) if i}
+
+    def fresh(pool):
+        pool = [i for i in pool if i not in used] or pool
+        item = rng.choice(pool)
+        used.add(item)
+        return item
+
+    def suggestion(item):
+        text = rng.choice(SUGGESTION_FORMS[tone]).format(item.text)
+        return text[0].upper() + text[1:]
+
+    def link(interest):
+        return f"Since you {rng.choice(('love', 'enjoy', 'like'))} {interest}, {INTEREST_LINKS[interest]}."
+
+    def has_tone(sentence, which):
+        return any(re.search(rf"\b{m}\b", _norm(sentence)) for m in TONE_MARKERS[which])
+
+    body, seen, items = [], set(), []  # items: (index in body, Item) of on-topic suggestions
+    opener, closer = None, None
+    for k, sentence in enumerate(sentences):
+        key = _norm(sentence)
+        names = _ITEM_PATTERN.findall(key)
+        if key in seen or key in _FILLER_KEYS or key in _DRIFT_KEYS or (
+                key in TIP_CATEGORY and TIP_CATEGORY[key] != category):
+            if fix():
+                continue
+        seen.add(key)
+        if k == 0 and key in _KNOWN_SENTENCES:
+            opener = sentence
+            continue
+        if k == len(sentences) - 1 and key in _KNOWN_SENTENCES and k > 0:
+            closer = sentence
+            continue
+        if names:
+            found = [ITEM_BY_NAME[n] for n in names]
+            if any(i.category != category for i in found):
+                if fix():
+                    continue
+                body.append(sentence)
+                continue
+            item = found[0]
+            if not _respects(item, attrs, category) and fix():
+                item = fresh(good)
+                sentence = suggestion(item)
+            elif has_tone(sentence, wrong_tone) and fix():
+                sentence = suggestion(item)
+            items.append((len(body), item))
+            body.append(sentence)
+        elif key.startswith("since you"):
+            liked = [i for i in _INTEREST_PATTERN.findall(key) if i in attrs["interests"]]
+            body.append(sentence if liked or not fix() else link(rng.choice(attrs["interests"])))
+        elif key in TIP_CATEGORY or key in _FILLER_KEYS or key in _DRIFT_KEYS or not fix():
+            body.append(sentence)
+        # anything else is garbled: dropped
+    if opener is None or (has_tone(opener, wrong_tone) or not has_tone(opener, tone)) and fix():
+        opener = rng.choice(OPENERS[tone])
+    if closer is None or (has_tone(closer, wrong_tone) or not has_tone(closer, tone)) and fix():
+        closer = rng.choice(CLOSERS[tone])
+
+    on = [i for _, i in items]
+    if attrs["budget"] == "high" and not any(i.cost == "luxury" for i in on) and fix():
+        luxury = [i for i in good if i.cost == "luxury"]
+        cheap = [(k, i) for k, i in items if i.cost == "cheap"]
+        if luxury:
+            item = fresh(luxury)
+            if cheap:
+                body[cheap[0][0]] = suggestion(item)
+            else:
+                body.insert(0, suggestion(item))
+                items = [(k + 1, i) for k, i in items]
+            on.append(item)
+    if category in USES_EXPERTISE and attrs["expertise"] == "expert" and fix():
+        jargon = [i for i in good if i.level == "jargon"]
+        for k, i in items:
+            if i.level == "basic" and jargon:
+                body[k] = suggestion(fresh(jargon))
+    tips = [s for s in body if _norm(s) in TIP_CATEGORY]
+    content = len(on) + len(tips)
+    if attrs["length"] == "short" and content >= DETAILED_CONTENT and fix():
+        drop = {k for k, _ in items[2:]}
+        body = [s for k, s in enumerate(body) if k not in drop]
+    elif (attrs["length"] == "detailed" or not on) and content < DETAILED_CONTENT and fix():
+        for _ in range(DETAILED_CONTENT - content if attrs["length"] == "detailed" else 2 - len(on)):
+            body.insert(len(on), suggestion(fresh(good)))
+    if not tips and fix():
+        body.append(rng.choice(TIPS[category]))
+    if not any(_norm(s).startswith("since you") for s in body) and fix():
+        body.append(link(rng.choice(attrs["interests"])))
+    return " ".join([opener, *body, closer])
+
+
 # ------------------------------------------------------------------------------------------------
 # Programmatic teacher: parse the response text, score, critique
 # ------------------------------------------------------------------------------------------------
