@@ -21,8 +21,9 @@ def get_config():
     c.world.edit_rows = 800  # post-edit demonstrations: revise a reply from a critique
     c.world.edit_p_fix = 0.8  # chance each criticised flaw is fixed in the (minimal) revision
     c.world.damaged_fraction = 0.3  # label inputs and edited originals broken the ways RL policies break
-    c.world.label_rows = 4000  # responses the teacher judges for GRM distillation
+    c.world.label_rows = 16000  # responses the teacher judges for GRM distillation
     c.world.grm_eval_pairs = 200  # held-out pairs for the GRM's agreement with the teacher
+    c.world.grm_aspect_pairs = 30  # per aspect: best response vs the same with one flaw
     c.world.eval_examples = 400  # held-out (persona, question) pairs for the win rates
 
     # Tiny Qwen2 shapes for the policy and the GRM.

@@ -18,6 +18,7 @@ def get_config():
     c.world.edit_rows = 64
     c.world.label_rows = 256
     c.world.grm_eval_pairs = 16
+    c.world.grm_aspect_pairs = 2  # per aspect: best response vs the same with one flaw
     c.world.eval_examples = 16
     c.sft.epochs = 1
     c.sft.total_steps = 8

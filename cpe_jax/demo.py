@@ -190,6 +190,40 @@ def grm_pairs(world, n, seed):
     return pairs
 
 
+ASPECT_FLAWS = {  # one flaw each, as `generate_response` quality overrides of the best response
+    "diet": {"diet": False}, "budget": {"budget": False}, "expertise": {"expertise": False},
+    "tone": {"tone": False}, "length": {"length": False}, "interest": {"interest": False},
+    "on_topic": {"on_topic": False}, "padding": {"padding": 2},
+}
+
+
+def grm_aspect_pairs(world, n_per_aspect, seed):
+    """Held-out pairs that differ in one aspect: a best response against the same draw with that
+    aspect flawed (tier = the aspect). What a reward model cannot see here, RL cannot improve."""
+    from cpe_jax.data import persona_world as pw
+    from cpe_jax.data.personafeedback import PreferencePair
+
+    rng = random.Random(seed)
+    pairs, counts = [], dict.fromkeys(ASPECT_FLAWS, 0)
+    for _ in range(50 * n_per_aspect):  # every aspect applies to some eval questions
+        if min(counts.values()) >= n_per_aspect:
+            break
+        persona, question = pw.sample_prompts(world, "eval", 1, rng)[0]
+        draw = rng.randrange(2**32)
+        for aspect, flaw in ASPECT_FLAWS.items():
+            if counts[aspect] >= n_per_aspect:
+                continue
+            good, bad = (pw.generate_response(world, persona, question, random.Random(draw), q)
+                         for q in (pw.BEST_QUALITY, flaw))
+            if pw.teacher_reward(persona, question, good) <= pw.teacher_reward(persona, question, bad):
+                continue  # the flaw does not apply to this question (e.g. diet outside food)
+            counts[aspect] += 1
+            pairs.append(PreferencePair(
+                user_id=persona["id"], persona=pw.persona_text(persona), question=question["text"], chosen=good,
+                rejected=bad, tier=aspect, category="general", source=f"aspect {aspect} {counts[aspect]}"))
+    return pairs
+
+
 def eval_examples(world, n, seed):
     """Held-out (persona, question) pairs: every eval persona x eval question, a seeded subset."""
     pairs = [(p, q) for p in world.personas("eval") for q in world.questions("eval")]
@@ -268,7 +302,12 @@ def run(out, config, seed=0, config_path=""):
         scorer = FlaxGRMScorer(cpe_jax.load_model(grm_dir), load_tokenizer(grm_dir), max_tokens=c.grm.max_tokens,
                                max_batch_size=64)
         scores = rm_eval.grm_pair_scores(scorer, pairs, batch_size=64)
-        rm_eval.evaluate(pairs, scores, path("grm_eval"), info={"rm": f"flax-expected:{grm_dir}", "rm_type": "grm"})
+        info = {"rm": f"flax-expected:{grm_dir}", "rm_type": "grm"}
+        aspect_pairs = grm_aspect_pairs(world, c.world.get("grm_aspect_pairs", 0), seed + 4)
+        if aspect_pairs:
+            rm_eval.evaluate(aspect_pairs, rm_eval.grm_pair_scores(scorer, aspect_pairs, batch_size=64),
+                             path("grm_eval", "aspects"), info=info)
+        rm_eval.evaluate(pairs, scores, path("grm_eval"), info=info)  # written last: the stage's done mark
 
     progress.run("grm-eval", exists("grm_eval", "rm_eval.json"), grm_eval,
                  "GRM agreement with the teacher on held-out pairs")
@@ -340,12 +379,18 @@ def collect_results(out, seed, config, config_path, timings):
                                                                                "edit/reward", "edit/length")}
     with open(os.path.join(out, "grm_eval", "rm_eval.json")) as f:
         grm = json.load(f)["accuracy"]
+    aspects_path = os.path.join(out, "grm_eval", "aspects", "rm_eval_pairs.jsonl")
+    outcomes = {}
+    for row in _read_jsonl(aspects_path) if os.path.exists(aspects_path) else []:
+        outcomes.setdefault(row["tier"], []).append(row["outcome"])  # 1 right, 0.5 tie or invalid, 0 wrong
+    by_aspect = {k: sum(outcomes[k]) / len(outcomes[k]) for k in ASPECT_FLAWS if k in outcomes}
     return {
         "seed": seed,
         "config": config_path,
         "length_unit": "characters",
         "grm": {"agreement": grm["overall"]["accuracy"], "n": grm["overall"]["n"],
-                "by_tier": {k: v["accuracy"] for k, v in grm.items() if k in ("easy", "medium", "hard")}},
+                "by_tier": {k: v["accuracy"] for k, v in grm.items() if k in ("easy", "medium", "hard")},
+                "by_aspect": by_aspect},
         "runs": runs,
         "timings_s": timings,
     }
@@ -362,8 +407,11 @@ def write_report(out, results):
         lines.append(f"| {RUN_LABELS.get(name, name)} | {lc} | {r['win_rate']:.1f} | {r['mean_length']:.0f} |")
     g = results["grm"]
     lines += ["", f"Distilled GRM: {100 * g['agreement']:.1f}% pairwise agreement with the teacher on {g['n']} "
-              "held-out pairs (ties count half).", "",
-              "![reward over training](reward.png)", "", "![length over training](length.png)", ""]
+              "held-out pairs (ties count half).", ""]
+    if g.get("by_aspect"):
+        lines += ["Its accuracy on pairs that differ in one flaw (a best response against the same response "
+                  "with that flaw): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in g["by_aspect"].items()) + ".", ""]
+    lines += ["![reward over training](reward.png)", "", "![length over training](length.png)", ""]
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     _plot(out, runs, "orig/reward", "GRM reward of the rollouts", "reward.png")

@@ -47,9 +47,14 @@ def test_quick_demo_writes_results_report_and_plots(demo_out):
         steps = results["runs"][name]["training"]["step"]
         assert steps == list(range(1, len(steps) + 1)) and steps
     assert 0 <= results["grm"]["agreement"] <= 1 and results["grm"]["n"] > 0
+    from cpe_jax.demo import ASPECT_FLAWS
+
+    by_aspect = results["grm"]["by_aspect"]
+    assert list(by_aspect) == list(ASPECT_FLAWS) and all(0 <= v <= 1 for v in by_aspect.values())
 
     report = (out / "report.md").read_text()
     assert "| Method | LC win rate | Win rate | Length |" in report
+    assert "differ in one flaw" in report
     for label in ("SFT", "PPO (GRM)", "CPE (GRM + edit)"):
         assert label in report
     for png in ("reward.png", "length.png"):
@@ -85,3 +90,23 @@ def test_short_critiques_name_the_same_problems_with_the_same_scores():
     assert "repeats" in pw.teacher_judgement(vegetarian, "What should I cook for dinner?", padded, "short")
     with pytest.raises(UserError):
         pw.teacher_judgement(vegetarian, "What should I cook for dinner?", steak, critique_style="long")
+
+
+def test_aspect_pairs_differ_in_exactly_the_named_flaw():
+    """Each GRM diagnostic pair is a best response against the same draw with one flaw, which the
+    teacher notices in that flaw's dimension only."""
+    from cpe_jax.data import persona_world as pw
+    from cpe_jax.demo import ASPECT_FLAWS, grm_aspect_pairs
+
+    world = pw.make_world(3)
+    pairs = grm_aspect_pairs(world, 4, seed=11)
+    assert sorted(p.tier for p in pairs) == sorted(list(ASPECT_FLAWS) * 4)
+    eval_ids = {p["id"] for p in world.personas("eval")}
+    dimension = {"padding": "naturalness", "on_topic": "helpfulness"}
+    for pair in pairs:
+        assert pair.user_id in eval_ids
+        good, bad = (pw.teacher_scores(pair.persona, pair.question, r) for r in (pair.chosen, pair.rejected))
+        hit = dimension.get(pair.tier, "personalization")
+        assert bad[hit] < good[hit], pair
+        assert all(bad[d] == good[d] for d in good if d != hit and d != "helpfulness"), pair
+    assert grm_aspect_pairs(world, 4, seed=11) == pairs  # seeded
