@@ -1,4 +1,4 @@
-"""`cpe-jax demo`: the paper's pipeline in miniature on PersonaWorld, sized for a 2-core CPU (~8 min).
+"""`cpe-jax demo`: the paper's pipeline in miniature on PersonaWorld, sized for a 2-core CPU (~10 min).
 
     cpe-jax demo --out demo_out [--seed N] [--config configs/demo_cpu.py]
 

@@ -361,6 +361,15 @@ def _eval_summary(metrics):
             "n": o["n"]}
 
 
+def _earlier_timings(out):
+    """Stage timings of the runs this one resumes (a resumed demo skips those stages)."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            return json.load(f).get("timings_s", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def collect_results(out, seed, config, config_path, timings):
     from cpe_jax.metrics import read_metrics
 
@@ -392,7 +401,7 @@ def collect_results(out, seed, config, config_path, timings):
                 "by_tier": {k: v["accuracy"] for k, v in grm.items() if k in ("easy", "medium", "hard")},
                 "by_aspect": by_aspect},
         "runs": runs,
-        "timings_s": timings,
+        "timings_s": {**_earlier_timings(out), **timings},
     }
 
 

@@ -66,12 +66,17 @@ def test_quick_demo_writes_results_report_and_plots(demo_out):
 def test_rerun_resumes_without_redoing_stages(demo_out):
     out, _ = demo_out
     before = (out / "rl" / "cpe" / "metrics.jsonl").read_text()
+    timings = json.loads((out / "results.json").read_text())["timings_s"]
     proc = _demo(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     skipped = [line for line in proc.stdout.splitlines() if "done earlier, skipped" in line]
     assert len(skipped) >= 10, proc.stdout
     assert (out / "rl" / "cpe" / "metrics.jsonl").read_text() == before
-    assert json.loads((out / "results.json").read_text())["runs"]["cpe"]["n"] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"]["cpe"]["n"] > 0
+    # The skipped stages keep the timings of the run that did them.
+    assert {k: v for k, v in results["timings_s"].items() if k != "report"} == \
+        {k: v for k, v in timings.items() if k != "report"}
 
 
 def test_short_critiques_name_the_same_problems_with_the_same_scores():
