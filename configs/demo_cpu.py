@@ -39,9 +39,11 @@ def get_config():
         batch_size=32, epochs=4, lr=5e-3, warmup_steps=10, max_length=320, bucket_size=32,
         save_every=100, mesh=ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})))
     c.grm = ml_collections.ConfigDict()
+    # 1200 steps: the persona-conditional judgements (tone, preferred length) are learnt only after
+    # ~600 (per-aspect accuracy in results.json["grm"]["by_aspect"]); bfloat16 compute pays for them.
     c.grm.sft = ml_collections.ConfigDict(dict(
-        batch_size=32, total_steps=600, lr=6e-3, warmup_steps=10, max_length=256, bucket_size=32,
-        save_every=100, mesh=ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})))
+        batch_size=32, total_steps=1200, lr=6e-3, warmup_steps=10, max_length=256, bucket_size=32,
+        save_every=100, dtype="bfloat16", mesh=ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})))
     c.grm.max_tokens = 40  # the critique the GRM writes before its forced score lines
     c.grm.critique_style = "short"  # terse teacher critiques ("not vegan: grilled steak; too formal"): cheap to learn
     c.grm.prompt_style = "compact"  # $CPE_JAX_GRM_PROMPT for every stage: a short rubric for a tiny GRM

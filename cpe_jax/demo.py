@@ -388,11 +388,12 @@ def collect_results(out, seed, config, config_path, timings):
                                                                                "edit/reward", "edit/length")}
     with open(os.path.join(out, "grm_eval", "rm_eval.json")) as f:
         grm = json.load(f)["accuracy"]
-    aspects_path = os.path.join(out, "grm_eval", "aspects", "rm_eval_pairs.jsonl")
-    outcomes = {}
-    for row in _read_jsonl(aspects_path) if os.path.exists(aspects_path) else []:
-        outcomes.setdefault(row["tier"], []).append(row["outcome"])  # 1 right, 0.5 tie or invalid, 0 wrong
-    by_aspect = {k: sum(outcomes[k]) / len(outcomes[k]) for k in ASPECT_FLAWS if k in outcomes}
+    aspects_path = os.path.join(out, "grm_eval", "aspects", "rm_eval.json")
+    aspects = {}
+    if os.path.exists(aspects_path):
+        with open(aspects_path) as f:
+            aspects = json.load(f)["accuracy"]
+    by_aspect = {k: aspects[k]["accuracy"] for k in ASPECT_FLAWS if k in aspects}
     return {
         "seed": seed,
         "config": config_path,

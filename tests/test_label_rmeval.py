@@ -178,3 +178,25 @@ def test_rm_eval_flag_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["rm-eval", "--data", str(tmp_path / "nope"), "--rm-type", "bt", "--rm", "x", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_accuracy_table_groups_by_every_tier_the_pairs_carry():
+    """PersonaFeedback's tiers come first in difficulty order; other tiers (PersonaWorld's one-flaw
+    aspects) get their own rows instead of vanishing into "overall"."""
+    from cpe_jax.data.personafeedback import PreferencePair
+    from cpe_jax.reward.rm_eval import accuracy_table
+
+    def pair(tier, category="general"):
+        return PreferencePair(user_id="u", persona={}, question="q", chosen="a", rejected="b",
+                              tier=tier, category=category, source="test")
+
+    tiers = ["tone", "hard", "easy", "diet", "tone", "tone"]
+    chosen = [1.0, 2.0, 0.0, 1.0, 3.0, 1.0]
+    rejected = [0.0, 1.0, 1.0, 1.0, 2.0, 2.0]  # tone: right, right, wrong; diet: tie
+    table = accuracy_table([pair(t) for t in tiers], chosen, rejected)
+    assert list(table) == ["overall", "general", "easy", "hard", "diet", "tone",
+                           "general/easy", "general/hard", "general/diet", "general/tone"]
+    assert table["tone"]["n"] == 3 and table["tone"]["accuracy"] == pytest.approx(2 / 3)
+    assert table["diet"]["accuracy"] == 0.5 and table["diet"]["ties"] == 1
+    assert table["easy"]["accuracy"] == 0.0 and table["hard"]["accuracy"] == 1.0
+    assert table["overall"]["accuracy"] == pytest.approx(3.5 / 6)

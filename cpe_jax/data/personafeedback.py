@@ -23,6 +23,13 @@ from cpe_jax.errors import UserError
 CATEGORIES = ("general", "specific")
 TIERS = ("easy", "medium", "hard")
 _TIER_ALIASES = {"mid": "medium"}
+
+
+def known_first(names, known_order):
+    """`names` with the ones in `known_order` first, in that order, then the rest sorted: tables
+    list PersonaFeedback's tiers in difficulty order and keep any other grouping a dataset uses."""
+    names = set(names)
+    return [n for n in known_order if n in names] + sorted(n for n in names if n not in known_order)
 _CATEGORY_ALIASES = {"spedific": "specific"}
 
 _RELEASE_DIR = "rm_benchmark_all"

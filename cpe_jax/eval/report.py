@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from cpe_jax.data.personafeedback import known_first
 from cpe_jax.errors import UserError
 from cpe_jax.eval.winrate import MIN_ROWS_FOR_LC, lc_win_rate, raw_win_rate
 
@@ -42,16 +43,11 @@ def _group_metrics(rows):
     return metrics
 
 
-def _ordered(keys, known_order):
-    known = [k for k in known_order if k in keys]
-    return known + sorted(k for k in keys if k not in known_order)
-
-
 def _by(rows, field, known_order):
     keys = {str(row[field]) for row in rows if row.get(field) is not None}
     return {
         key: _group_metrics([row for row in rows if str(row.get(field)) == key])
-        for key in _ordered(keys, known_order)
+        for key in known_first(keys, known_order)
     }
 
 

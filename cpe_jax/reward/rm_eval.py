@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from cpe_jax.data.personafeedback import CATEGORIES, TIERS
+from cpe_jax.data.personafeedback import CATEGORIES, TIERS, known_first
 from cpe_jax.data.prompts import DIMENSIONS
 
 
@@ -73,17 +73,20 @@ def _summary(outcome, invalid, chosen, rejected):
 
 
 def accuracy_table(pairs, chosen, rejected):
-    """{"overall": ..., "general": ..., "general/easy": ..., "easy": ...} of n, accuracy, ties, invalid."""
+    """{"overall": ..., "general": ..., "easy": ..., "general/easy": ...} of n, accuracy, ties,
+    invalid: per category and tier the pairs carry (PersonaFeedback's first, then any others, e.g.
+    PersonaWorld's one-flaw aspects) and per category/tier combination."""
     outcome, invalid = pair_outcomes(chosen, rejected)
-    categories = np.array([p.category for p in pairs])
-    tiers = np.array([p.tier for p in pairs])
+    categories = np.array([str(p.category) for p in pairs])
+    tiers = np.array([str(p.tier) for p in pairs])
+    category_names, tier_names = known_first(categories, CATEGORIES), known_first(tiers, TIERS)
     groups = {"overall": np.ones(len(pairs), bool)}
-    for category in CATEGORIES:
+    for category in category_names:
         groups[category] = categories == category
-    for tier in TIERS:
+    for tier in tier_names:
         groups[tier] = tiers == tier
-    for category in CATEGORIES:
-        for tier in TIERS:
+    for category in category_names:
+        for tier in tier_names:
             groups[f"{category}/{tier}"] = (categories == category) & (tiers == tier)
     return {
         name: _summary(outcome[m], invalid[m], np.asarray(chosen)[m], np.asarray(rejected)[m])
