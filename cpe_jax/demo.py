@@ -371,6 +371,7 @@ def _earlier_timings(out):
 
 
 def collect_results(out, seed, config, config_path, timings):
+    from cpe_jax.data.personafeedback import TIERS
     from cpe_jax.metrics import read_metrics
 
     runs = {}
@@ -399,7 +400,7 @@ def collect_results(out, seed, config, config_path, timings):
         "config": config_path,
         "length_unit": "characters",
         "grm": {"agreement": grm["overall"]["accuracy"], "n": grm["overall"]["n"],
-                "by_tier": {k: v["accuracy"] for k, v in grm.items() if k in ("easy", "medium", "hard")},
+                "by_tier": {k: v["accuracy"] for k, v in grm.items() if k in TIERS},
                 "by_aspect": by_aspect},
         "runs": runs,
         "timings_s": {**_earlier_timings(out), **timings},

@@ -23,6 +23,12 @@ from cpe_jax.errors import UserError
 CATEGORIES = ("general", "specific")
 TIERS = ("easy", "medium", "hard")
 _TIER_ALIASES = {"mid": "medium"}
+_CATEGORY_ALIASES = {"spedific": "specific"}
+
+_RELEASE_DIR = "rm_benchmark_all"
+_RELEASE_TIER_NAMES = {"easy": "easy", "medium": "mid", "hard": "hard"}
+_HF_CATEGORY_DIRS = {"general": ("general",), "specific": ("spedific", "specific")}
+_HF_PERSONAS = os.path.join("persona", "all_personas.jsonl")
 
 
 def known_first(names, known_order):
@@ -30,12 +36,6 @@ def known_first(names, known_order):
     list PersonaFeedback's tiers in difficulty order and keep any other grouping a dataset uses."""
     names = set(names)
     return [n for n in known_order if n in names] + sorted(n for n in names if n not in known_order)
-_CATEGORY_ALIASES = {"spedific": "specific"}
-
-_RELEASE_DIR = "rm_benchmark_all"
-_RELEASE_TIER_NAMES = {"easy": "easy", "medium": "mid", "hard": "hard"}
-_HF_CATEGORY_DIRS = {"general": ("general",), "specific": ("spedific", "specific")}
-_HF_PERSONAS = os.path.join("persona", "all_personas.jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
