@@ -23,6 +23,8 @@ def get_config():
     c.sft.epochs = 1
     c.sft.total_steps = 8
     c.grm.sft.total_steps = 8
+    c.bt.pairs = 64
+    c.bt.sft.total_steps = 4
     c.grm.max_tokens = 16
     c.rl.total_steps = 2
     c.rl.save_every = 2

@@ -224,6 +224,31 @@ def grm_aspect_pairs(world, n_per_aspect, seed):
     return pairs
 
 
+def bt_pairs(world, n, seed, longer_chosen):
+    """Teacher preference pairs for a Bradley-Terry RM, confounded with length: in a `longer_chosen`
+    share of them the preferred response is also the longer one, so length is the easy feature
+    to learn (the length hacking the paper reports for a BT RM). Each row carries the policy's
+    prompt, which `reward.bt.BTScorer` scores rollouts after."""
+    from cpe_jax.data import persona_world as pw
+
+    rng = random.Random(seed)
+    wanted = {True: round(n * longer_chosen), False: n - round(n * longer_chosen)}
+    rows = []
+    while any(wanted.values()):
+        persona, question = pw.sample_prompts(world, "train", 1, rng)[0]
+        a, b = (pw.generate_response(world, persona, question, rng, pw.random_quality(rng, rng.uniform(0.2, 0.9)))
+                for _ in range(2))
+        preference = pw.teacher_preference(persona, question, a, b)
+        if preference == 0.5:
+            continue
+        chosen, rejected = (a, b) if preference > 0.5 else (b, a)
+        longer = len(chosen) > len(rejected)
+        if wanted[longer]:
+            wanted[longer] -= 1
+            rows.append({"messages": pw.policy_messages(persona, question), "chosen": chosen, "rejected": rejected})
+    return rows
+
+
 def eval_examples(world, n, seed):
     """Held-out (persona, question) pairs: every eval persona x eval question, a seeded subset."""
     pairs = [(p, q) for p in world.personas("eval") for q in world.questions("eval")]
@@ -254,7 +279,8 @@ def run(out, config, seed=0, config_path=""):
     path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
     exists = lambda *parts: (lambda: os.path.exists(path(*parts)))  # noqa: E731
     stages = list(STAGES)
-    if c.get("run_bt"):
+    if c.run_bt:
+        stages.insert(stages.index("grm-eval") + 1, "bt-rm")
         stages.insert(stages.index("rl-cpe") + 1, "rl-ppo_bt")
         stages.insert(stages.index("eval-cpe") + 1, "eval-ppo_bt")
     progress = Progress(stages)
@@ -312,11 +338,25 @@ def run(out, config, seed=0, config_path=""):
     progress.run("grm-eval", exists("grm_eval", "rm_eval.json"), grm_eval,
                  "GRM agreement with the teacher on held-out pairs")
 
+    if c.run_bt:
+        def bt_rm():
+            _write_jsonl(path("data", "bt_pairs.jsonl"), bt_pairs(world, c.bt.pairs, seed + 5, c.bt.longer_chosen))
+            _cli("sft", f"--config={os.path.join(CONFIG_DIR, 'bt.py')}", f"--workdir={path('bt')}",
+                 f"--config.model={path('grm_init')}", f"--config.data.path={path('data', 'bt_pairs.jsonl')}",
+                 f"--config.seed={seed}", *_flags("", {k: v for k, v in c.bt.sft.items() if k != "mesh"}), *mesh)
+
+        progress.run("bt-rm", exists("bt", "final"), bt_rm,
+                     "cpe-jax sft (Bradley-Terry RM on length-confounded teacher pairs)")
+
     rl_config = os.path.join(CONFIG_DIR, "demo_rl.py")
-    rl_flags = [f"--config.policy={path('policy_sft', 'final')}", f"--config.grm.path={path('grm', 'final')}",
+    rl_flags = [f"--config.policy={path('policy_sft', 'final')}",
                 f"--config.seed={seed}", f"--config.data.seed={seed}", f"--config.data.world_seed={seed}",
                 f"--config.grm.max_tokens={c.grm.max_tokens}", *_flags("", c.rl)]
-    runs = {"ppo": ["--config.edit.strategy=none"], "cpe": ["--config.edit.strategy=random"]}
+    grm = f"--config.grm.path={path('grm', 'final')}"
+    runs = {"ppo": [grm, "--config.edit.strategy=none"], "cpe": [grm, "--config.edit.strategy=random"]}
+    if c.run_bt:
+        runs["ppo_bt"] = [f"--config.grm.path={path('bt', 'final')}", "--config.grm.type=bt", "--config.grm.mode=text",
+                          "--config.edit.strategy=none"]
     for name, extra in runs.items():
         progress.run(f"rl-{name}", exists("rl", name, "final", "cpe_jax_model.json"),
                      lambda extra=extra, name=name: _cli(
@@ -329,8 +369,8 @@ def run(out, config, seed=0, config_path=""):
         _write_jsonl(path("eval", "prompts.jsonl"),
                      [{"row": i, "messages": pw.policy_messages(p, q)} for i, (p, q) in enumerate(examples)])
         _cli("generate", "--model", path("policy_sft", "final"), "--prompts", path("eval", "prompts.jsonl"),
-             "--out", path("eval", "sft_generated.jsonl"), "--max-tokens", c.eval.max_tokens, "--temperature", 0,
-             "--batch-size", c.eval.batch_size, "--seed", seed)
+             "--out", path("eval", "sft_generated.jsonl"), "--max-tokens", c.eval.max_tokens,
+             "--temperature", c.eval.temperature, "--batch-size", c.eval.batch_size, "--seed", seed)
         generated = sorted(_read_jsonl(path("eval", "sft_generated.jsonl")), key=lambda r: r["row"])
         _write_jsonl(path("eval", "eval_set.jsonl"), [
             {"persona": p, "question": q["text"], "category": "specific", "response": g["text"]}
@@ -338,11 +378,11 @@ def run(out, config, seed=0, config_path=""):
 
     progress.run("sft-responses", exists("eval", "eval_set.jsonl"), sft_responses,
                  "cpe-jax generate (the SFT baseline's responses)")
-    for name in ("ppo", "cpe"):
+    for name in runs:
         progress.run(f"eval-{name}", exists("eval", name, "metrics.json"), lambda name=name: _cli(
             "eval", "--policy", path("rl", name, "final"), "--eval-set", path("eval", "eval_set.jsonl"),
             "--out", path("eval", name), "--judge", "python", "--judge-fn", PAIRWISE_TEACHER,
-            "--policy-prompt", "persona_world", "--max-tokens", c.eval.max_tokens, "--temperature", 0,
+            "--policy-prompt", "persona_world", "--max-tokens", c.eval.max_tokens, "--temperature", c.eval.temperature,
             "--batch-size", c.eval.batch_size, "--seed", seed), f"cpe-jax eval ({RUN_LABELS[name]} vs SFT)")
     progress.run("report", lambda: False, lambda: None, "results.json, report.md, plots")
     results = collect_results(out, seed, config, config_path, progress.timings)
@@ -457,9 +497,13 @@ def main(argv):
     p.add_argument("--quick", action="store_true", help="a smaller run of a few minutes (configs/demo_quick.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", metavar="FILE", help="demo config (default configs/demo_cpu.py or demo_quick.py)")
+    p.add_argument("--bt", action="store_true",
+                   help="also PPO rewarded by a Bradley-Terry RM trained on length-confounded pairs (config run_bt)")
     args = p.parse_args(argv)
     config_path = args.config or os.path.join(CONFIG_DIR, "demo_quick.py" if args.quick else "demo_cpu.py")
     config = load_config(config_path)
+    if args.bt:
+        config.run_bt = True
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = run(args.out, config, seed=args.seed, config_path=os.path.abspath(config_path))
     print(open(os.path.join(os.path.abspath(args.out), "report.md")).read().split("![")[0].strip())

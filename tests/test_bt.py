@@ -11,7 +11,7 @@ from cpe_jax.cli import main as cli_main
 from cpe_jax.data.prompts import policy_messages
 from cpe_jax.metrics import read_metrics
 from cpe_jax.models.heads import ValueModel, load_value_model, save_value_model
-from cpe_jax.reward.bt import BTRewardModel, bt_loss, score_texts
+from cpe_jax.reward.bt import BTRewardModel, BTScorer, bt_loss, score_texts
 from test_sft import write_model
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "bt.py")
@@ -95,6 +95,18 @@ def test_bt_training_learns_the_preference(model_dir, tmp_path, capsys):
     chosen = score_texts(reward_model, tokenizer, [dict(p, response=p["chosen"]) for p in pairs], batch_size=4)
     rejected = score_texts(reward_model, tokenizer, [dict(p, response=p["rejected"]) for p in pairs], batch_size=4)
     assert np.mean(chosen > rejected) == 1.0
+
+    # Behind the GRM scorer's interface (what the RL trainer calls): one reward, valid, no critique.
+    scorer = BTScorer(reward_model, tokenizer, batch_size=4)
+    result = scorer.score([dict(p, response=p["chosen"]) for p in pairs])
+    np.testing.assert_allclose(result.scores["reward"], chosen, rtol=1e-5, atol=1e-6)
+    assert result.valid.all() and result.critiques == [""] * len(pairs)
+    # A row's `messages` is the prompt the response answered, and the RM scores that chat.
+    same = scorer.score([dict(p, response=p["chosen"], messages=policy_messages(p["persona"], p["question"]))
+                         for p in pairs])
+    np.testing.assert_allclose(same.scores["reward"], chosen, rtol=1e-5, atol=1e-6)
+    other = scorer.score([dict(p, response=p["chosen"], messages=[{"role": "user", "content": "hi"}]) for p in pairs])
+    assert not np.allclose(other.scores["reward"], chosen)
 
 
 @pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="shared PersonaFeedback sample not present")

@@ -24,7 +24,7 @@ def _demo(out, *extra):
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    proc = _demo(out)
+    proc = _demo(out, "--bt")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -32,7 +32,7 @@ def demo_out(tmp_path_factory):
 def test_quick_demo_writes_results_report_and_plots(demo_out):
     out, proc = demo_out
     results = json.loads((out / "results.json").read_text())
-    assert set(results["runs"]) >= {"sft", "ppo", "cpe"}
+    assert set(results["runs"]) == {"sft", "ppo", "cpe", "ppo_bt"}
     for name, run in results["runs"].items():
         for key in ("lc_win_rate", "win_rate", "mean_length"):
             assert isinstance(run[key], (int, float)) and math.isfinite(run[key]), (name, key)
@@ -42,10 +42,17 @@ def test_quick_demo_writes_results_report_and_plots(demo_out):
     assert results["runs"]["sft"]["win_rate"] == 50.0
     # The RL runs are compared on the same held-out set as the baseline.
     eval_set = [json.loads(line) for line in open(out / "eval" / "eval_set.jsonl")]
-    for name in ("ppo", "cpe"):
+    for name in ("ppo", "cpe", "ppo_bt"):
         assert results["runs"][name]["n"] == len(eval_set)
         steps = results["runs"][name]["training"]["step"]
         assert steps == list(range(1, len(steps) + 1)) and steps
+    # Every policy is decoded as the SFT baseline was: the config's eval sampling, same seed.
+    from cpe_jax.demo import CONFIG_DIR, load_config
+
+    eval_config = load_config(os.path.join(CONFIG_DIR, "demo_quick.py")).eval
+    for name in ("ppo", "cpe", "ppo_bt"):
+        sampling = json.loads((out / "eval" / name / "run.json").read_text())["sampling"]
+        assert sampling["temperature"] == eval_config.temperature and sampling["seed"] == results["seed"]
     assert 0 <= results["grm"]["agreement"] <= 1 and results["grm"]["n"] > 0
     from cpe_jax.demo import ASPECT_FLAWS
 
@@ -55,7 +62,7 @@ def test_quick_demo_writes_results_report_and_plots(demo_out):
     report = (out / "report.md").read_text()
     assert "| Method | LC win rate | Win rate | Length |" in report
     assert "differ in one flaw" in report
-    for label in ("SFT", "PPO (GRM)", "CPE (GRM + edit)"):
+    for label in ("SFT", "PPO (GRM)", "CPE (GRM + edit)", "PPO (BT RM)"):
         assert label in report
     for png in ("reward.png", "length.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -67,7 +74,7 @@ def test_rerun_resumes_without_redoing_stages(demo_out):
     out, _ = demo_out
     before = (out / "rl" / "cpe" / "metrics.jsonl").read_text()
     timings = json.loads((out / "results.json").read_text())["timings_s"]
-    proc = _demo(out)
+    proc = _demo(out, "--bt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     skipped = [line for line in proc.stdout.splitlines() if "done earlier, skipped" in line]
     assert len(skipped) >= 10, proc.stdout

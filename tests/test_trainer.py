@@ -137,7 +137,7 @@ def test_sigterm_then_resume_is_exact(policy_dir, tmp_path):
 
 def test_bad_config_field_exits_2(policy_dir, tmp_path):
     for flag, field in (("--config.edit.ratio=1.5", "edit_ratio"), ("--config.edit.strategy=best", "edit_strategy"),
-                        ("--config.ppo.prompts_per_step=3", "ppo.")):
+                        ("--config.ppo.prompts_per_step=3", "ppo."), ("--config.grm.type=bt", "edit.strategy")):
         proc = _train_cli(policy_dir, tmp_path / "bad", flag)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2, out

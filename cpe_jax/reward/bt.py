@@ -47,40 +47,64 @@ def example_messages(persona, question, response, language="en"):
 
 
 def score_texts(model, tokenizer, examples, *, batch_size=8, max_length=2048, language="en"):
-    """Scores (np.float32 [N]) of `examples`, each a dict or object with persona, question, response.
+    """Scores (np.float32 [N]) of `examples`, each a dict or object with persona, question, response
+    and optionally `messages`, the policy prompt the response answers (default: `example_messages`)."""
+    return BTScorer(model, tokenizer, batch_size=batch_size, max_length=max_length,
+                    language=language).score_array(examples)
 
-    Rows are right-padded to a multiple of 64 tokens so few shapes compile; longer rows are
-    truncated from the left (the end of the response is where the score is read).
+
+class BTScorer:
+    """A Bradley-Terry RM behind `GRMScorer`'s interface, so the RL trainer can be rewarded by it.
+
+    `score(examples)` gives one `"reward"` per response and no critique: there is nothing to edit
+    from, so it serves PPO (edit strategy none) only. Rows are right-padded to a multiple of 64
+    tokens so few shapes compile; longer rows are truncated from the left (the end of the response
+    is where the score is read).
     """
-    from flax import nnx
 
-    from cpe_jax.tokenizer import apply_chat_template
+    def __init__(self, model, tokenizer, *, batch_size=8, max_length=2048, language="en"):
+        from flax import nnx
 
-    def field(example, name):
-        return example[name] if isinstance(example, dict) else getattr(example, name)
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.language = language
+        graphdef, self._state = nnx.split(model)
+        self._scores = jax.jit(lambda state, tokens, mask: nnx.merge(graphdef, state).score(tokens, mask))
 
-    graphdef, state = nnx.split(model)
+    def score_array(self, examples):
+        from cpe_jax.reward.grm import _field
+        from cpe_jax.tokenizer import apply_chat_template
 
-    @jax.jit
-    def scores(state, tokens, mask):
-        return nnx.merge(graphdef, state).score(tokens, mask)
+        def chat(i, example):
+            persona, question, response = (_field(example, name, i) for name in ("persona", "question", "response"))
+            prompt = example.get("messages") if isinstance(example, dict) else getattr(example, "messages", None)
+            if prompt:  # the chat the policy answered, as the RM was trained on it
+                return list(prompt) + [{"role": "assistant", "content": response}]
+            return example_messages(persona, question, response, self.language)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [
-        apply_chat_template(tokenizer, example_messages(field(e, "persona"), field(e, "question"),
-                                                        field(e, "response"), language),
-                            add_generation_prompt=False)[-max_length:]
-        for e in examples
-    ]
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        width = min(max_length, -(-max(len(ids) for ids in chunk) // 64) * 64)
-        tokens = np.full((batch_size, width), pad_id, np.int32)
-        mask = np.zeros((batch_size, width), bool)
-        for i, ids in enumerate(chunk):
-            tokens[i, :len(ids)] = ids
-            mask[i, :len(ids)] = True
-        mask[len(chunk):, 0] = True  # filler rows: one token so nothing divides by zero
-        out.append(np.asarray(scores(state, tokens, mask))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        encoded = [apply_chat_template(self.tokenizer, chat(i, e), add_generation_prompt=False)[-self.max_length:]
+                   for i, e in enumerate(examples)]
+        out = []
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start:start + self.batch_size]
+            width = min(self.max_length, -(-max(len(ids) for ids in chunk) // 64) * 64)
+            tokens = np.full((self.batch_size, width), pad_id, np.int32)
+            mask = np.zeros((self.batch_size, width), bool)
+            for i, ids in enumerate(chunk):
+                tokens[i, :len(ids)] = ids
+                mask[i, :len(ids)] = True
+            mask[len(chunk):, 0] = True  # filler rows: one token so nothing divides by zero
+            out.append(np.asarray(self._scores(self._state, tokens, mask))[:len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def score(self, examples):
+        from cpe_jax.reward.grm import GRMBatchResult
+
+        rewards = self.score_array(list(examples)).astype(np.float64)
+        n = len(rewards)
+        return GRMBatchResult(scores={"reward": rewards}, critiques=[""] * n, valid=np.ones(n, bool),
+                              problems=[""] * n)
+
+    score_for_editing = score

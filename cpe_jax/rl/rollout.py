@@ -143,7 +143,8 @@ class Rollout:
         timings["time/generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        judged = [dict(persona=ex["persona"], question=ex["question"], response=r) for ex, r in zip(examples, responses)]
+        judged = [dict(persona=ex["persona"], question=ex["question"], response=r, messages=ex["messages"])
+                  for ex, r in zip(examples, responses)]
         strategy = cfg.edit.strategy
         orig = self.scorer.score_for_editing(judged) if strategy != "none" else self.scorer.score(judged)
         timings["time/judge"] = time.perf_counter() - t0

@@ -355,7 +355,9 @@ def validate_config(config, num_devices):
     check(p.loss_agg in ppo.AGG_MODES, "ppo.loss_agg", f"{p.loss_agg!r} is not one of {ppo.AGG_MODES}")
     check(p.kl_kind in ppo.KL_KINDS, "ppo.kl_kind", f"{p.kl_kind!r} is not one of {ppo.KL_KINDS}")
     check(config.edit.pi_e in ("recompute", "sampler"), "edit.pi_e", "must be 'recompute' or 'sampler'")
-    check(config.grm.type in ("python", "http", "flax"), "grm.type", "must be python, http or flax")
+    check(config.grm.type in ("python", "http", "flax", "bt"), "grm.type", "must be python, http, flax or bt")
+    check(config.grm.type != "bt" or config.edit.strategy == "none", "edit.strategy",
+          "a Bradley-Terry RM (grm.type = 'bt') writes no critique to edit from; use 'none'")
     check(not config.grm.get("fused") or config.grm.type == "flax", "grm.fused",
           "the single-jit step needs an in-framework GRM (grm.type = 'flax')")
     for field in ("max_prompt_length", "max_response_length"):
@@ -556,8 +558,9 @@ def _optimizer_fields(config, lr):
 
 def build_scorer(config):
     """The GRM scorer of the `grm` config block. A flax GRM with `grm.mode = "expected"` scores by
-    expected value over -5..5 (never unreadable, which suits a small distilled GRM); every other
-    GRM writes its scores as text, parsed by `GRMScorer`."""
+    expected value over -5..5 (never unreadable, which suits a small distilled GRM); `grm.type =
+    "bt"` is a Bradley-Terry RM at `grm.path` (a reward, no critique); every other GRM writes its
+    scores as text, parsed by `GRMScorer`."""
     from cpe_jax.config import check
     from cpe_jax.reward.grm import GRMScorer
     from cpe_jax.rl.rollout import build_judge
@@ -567,6 +570,15 @@ def build_scorer(config):
     check(mode in ("text", "expected"), "grm.mode", f"{mode!r} is not one of text, expected")
     check(mode == "text" or g.type == "flax", "grm.mode", "'expected' needs grm.type = 'flax'")
     weights = dict(g.weights) if g.get("weights") else None
+    if g.type == "bt":
+        from cpe_jax.errors import require_path
+        from cpe_jax.reward.bt import BTRewardModel, BTScorer
+        from cpe_jax.tokenizer import load_tokenizer
+
+        path = require_path(g.path, "grm.path")
+        p = config.ppo
+        return BTScorer(BTRewardModel.load(path), load_tokenizer(path), language=config.language,
+                        batch_size=p.prompts_per_step * p.rollouts_per_prompt)
     if mode == "expected":
         import cpe_jax
         from cpe_jax.errors import require_path
@@ -634,7 +646,7 @@ def default_config():
     c.rollout.top_k = 0
 
     c.grm = ml_collections.ConfigDict()
-    c.grm.type = "http"  # "python" (grm.judge_fn), "http" (OpenAI-compatible) or "flax" (grm.path)
+    c.grm.type = "http"  # "python" (grm.judge_fn), "http" (OpenAI-compatible), "flax" or "bt" (grm.path)
     c.grm.judge_fn = ""
     c.grm.base_url = ""
     c.grm.model_name = ""
