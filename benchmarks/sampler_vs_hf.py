@@ -7,6 +7,9 @@ run follows an untimed one of the same framework), median of 3 timed runs after 
 machine's roofline reached (bytes of weights + KV cache read per decode step over the measured
 memory bandwidth; FLOPs per step over the measured matmul peak).
 
+For float32 it also times the run's matmuls alone (`matmul_floor`) in XLA and in PyTorch: hf
+seconds over the XLA floor bounds the speedup a float32 sampler on XLA:CPU can reach here.
+
     python benchmarks/sampler_vs_hf.py [--batch-sizes 8 64] [--repeats 3] [--dtypes float32 bfloat16]
 
 `bfloat16` samples with bfloat16 compute and KV cache over the same float32 weights
@@ -38,6 +41,62 @@ def step_cost(cfg, batch, num_params, itemsize):
     matmul_params = num_params - cfg["vocab_size"] * cfg["hidden_size"]
     attn_flops = 4 * cfg["num_hidden_layers"] * batch * context * cfg["hidden_size"]
     return weight_bytes + cache_bytes, 2 * batch * matmul_params + attn_flops
+
+
+def matmul_floor(cfg, batch, repeats):
+    """Seconds of the run's float32 matmuls alone (prefill of batch x PROMPT_LEN rows, then
+    NEW_TOKENS - 1 decode steps of `batch` rows, each with the vocabulary head), for XLA and for
+    PyTorch on this CPU, with the data flow of the model's dense layers but no attention, norms or
+    sampling. Neither sampler can beat its floor, so hf seconds over the XLA floor bounds the
+    speedup any float32 sampler on XLA:CPU can reach here."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    e, m, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * e // cfg["num_attention_heads"]
+    rng = np.random.default_rng(0)
+    layer_shapes = [(e, e), (e, kv), (e, kv), (e, e), (e, m), (e, m), (m, e)]
+    weights = [[rng.standard_normal(shape, np.float32) * 0.02 for shape in layer_shapes]
+               for _ in range(cfg["num_hidden_layers"])]
+    head = rng.standard_normal((e, v), np.float32) * 0.02
+
+    def forward(x, layers, lm_head, mean):
+        for wq, wk, wv, wo, wg, wu, wd in layers:
+            q, k, val = x @ wq, x @ wk, x @ wv
+            x = x + (q + mean(k) + mean(val)) @ wo
+            x = x + ((x @ wg) * (x @ wu)) @ wd
+        return x if lm_head is None else x + mean(x @ lm_head)
+
+    def jax_mean(y):
+        return jnp.mean(y, axis=1, keepdims=True)
+
+    @jax.jit
+    def xla_run(prompt_rows, rows, layers, lm_head):
+        rows = rows + 1e-9 * jnp.mean(forward(prompt_rows, layers, None, jax_mean))
+        step = lambda i, r: jnp.tanh(forward(r, layers, lm_head, jax_mean))  # noqa: E731  (stays O(1))
+        return jax.lax.fori_loop(0, NEW_TOKENS - 1, step, rows)
+
+    def torch_mean(y):
+        return y.mean(dim=1, keepdim=True)
+
+    torch_layers = [[torch.from_numpy(w) for w in layer] for layer in weights]
+    torch_head = torch.from_numpy(head)
+
+    def torch_run(prompt_rows, rows):
+        with torch.inference_mode():
+            rows = rows + 1e-9 * forward(prompt_rows, torch_layers, None, torch_mean).mean()
+            for _ in range(NEW_TOKENS - 1):
+                rows = torch.tanh(forward(rows, torch_layers, torch_head, torch_mean))
+        return rows
+
+    prompt_rows, rows = np.ones((batch * PROMPT_LEN, e), np.float32), np.ones((batch, e), np.float32)
+    xla_args = (jnp.asarray(prompt_rows), jnp.asarray(rows), jax.tree.map(jnp.asarray, weights),
+                jnp.asarray(head))
+    torch_args = (torch.from_numpy(prompt_rows), torch.from_numpy(rows))
+    xla_times, torch_times = alternate(lambda: xla_run(*xla_args).block_until_ready(),
+                                       lambda: torch_run(*torch_args), repeats)
+    return min(xla_times), min(torch_times)
 
 
 def main():
@@ -102,6 +161,7 @@ def main():
         same = float(np.mean([o.token_ids == hf_out[i, PROMPT_LEN:].tolist()
                               for i, o in enumerate(ours_out)]))
         ours_t, hf_t = statistics.median(ours_times), statistics.median(hf_times)
+        floor = matmul_floor(MODEL, batch, args.repeats) if dtype == "float32" else None
         step_bytes, step_flops = step_cost(MODEL, batch, num_params, np.dtype(dtype).itemsize)
         step_time = ours_t / NEW_TOKENS
         print(json.dumps({
@@ -117,6 +177,10 @@ def main():
             "memory_bandwidth_GBps": round(bandwidth / 1e9, 2),
             "matmul_peak_GFLOPs": round(peak / 1e9, 2),
             "greedy_rows_identical_to_hf": same,
+            **({} if floor is None else {
+                "matmul_floor_seconds": {"xla": round(floor[0], 3), "torch": round(floor[1], 3)},
+                "speedup_bound_at_xla_matmul_floor": round(hf_t / floor[0], 2),
+            }),
         }), flush=True)
 
 
