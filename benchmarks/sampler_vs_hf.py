@@ -30,11 +30,16 @@ from machine import MODEL, alternate, matmul_peak, memory_bandwidth  # noqa: E40
 PROMPT_LEN, NEW_TOKENS = 64, 128
 
 
+def kv_width(cfg):
+    """Width of one layer's key (or value) projection: kv heads x head dim."""
+    return cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
 def step_cost(cfg, batch, num_params, itemsize):
     """Bytes read and FLOPs of one average decode step (cache half full of generated tokens), with
     weights and cache in the compute dtype."""
     context = PROMPT_LEN + NEW_TOKENS / 2
-    kv = cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv = kv_width(cfg)
     cache_bytes = 2 * cfg["num_hidden_layers"] * batch * context * kv * itemsize
     weight_bytes = num_params * itemsize
     # Matmuls touch every weight except the embedding lookup; attention reads q.k and p.v.
@@ -54,7 +59,7 @@ def matmul_floor(cfg, batch, repeats):
     import torch
 
     e, m, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = cfg["num_key_value_heads"] * e // cfg["num_attention_heads"]
+    kv = kv_width(cfg)
     rng = np.random.default_rng(0)
     layer_shapes = [(e, e), (e, kv), (e, kv), (e, e), (e, m), (e, m), (m, e)]
     weights = [[rng.standard_normal(shape, np.float32) * 0.02 for shape in layer_shapes]
