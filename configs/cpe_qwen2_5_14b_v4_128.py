@@ -7,22 +7,23 @@
 
 from cpe_jax.config import sibling_config
 
-# Mesh and remat from the planner (`cpe-jax plan`: the smallest fsdp that fits, tensor parallelism
-# only when needed, the least recomputation that fits; bf16 compute, f32 params and AdamW moments):
+# Mesh and remat sized by the planner for the train step (`cpe-jax plan`: the smallest fsdp, tensor
+# parallelism only when needed, the least recomputation; bf16 compute, f32 params and AdamW moments).
+# The train step fits; the edit rollout's prefill does not: the sampler prefills all rollout rows at
+# once, with float32 attention scores over the whole cache. The plan's phases:
 #   cpe-jax plan --config=configs/cpe_qwen2_5_14b_v4_128.py --tpu=v4-128
 #   mesh {'data': 1, 'fsdp': 8, 'tensor': 8}  remat=dots_no_batch
-#     policy params                                     0.86 GiB
-#     policy optimizer (AdamW mu+nu, param dtype)       1.72 GiB
-#     critic params                                     0.86 GiB
-#     critic optimizer (AdamW mu+nu, param dtype)       1.72 GiB
-#     reference params                                  0.00 GiB
-#     gradients (policy + critic)                       3.45 GiB
-#     activations (policy + critic)                    13.93 GiB
-#     logits (f32)                                      0.87 GiB
-#     rollout KV cache                                  9.00 GiB
-#     resident                                          5.17 GiB
-#     peak                                             23.41 GiB
-#     fits in 27.2 GiB usable of 32 GiB HBM per chip
+#     old log-probs + values pass: layers     1.17 GiB
+#     old log-probs + values pass: head       0.44 GiB
+#     pi_e recompute: layers                  1.00 GiB
+#     pi_e recompute: head                    0.58 GiB
+#     PPO update                             16.88 GiB
+#     rollout                                39.28 GiB
+#     edit rollout                           95.56 GiB  <- peak
+#     resident                                5.17 GiB
+#     train step peak                        22.05 GiB
+#     peak                                  100.73 GiB
+#     does NOT fit in 27.2 GiB usable of 32 GiB HBM per chip
 
 
 def get_config():

@@ -7,22 +7,23 @@
 
 from cpe_jax.config import sibling_config
 
-# Mesh and remat from the planner (`cpe-jax plan`: the smallest fsdp that fits, tensor parallelism
-# only when needed, the least recomputation that fits; bf16 compute, f32 params and AdamW moments):
+# Mesh and remat sized by the planner for the train step (`cpe-jax plan`: the smallest fsdp, tensor
+# parallelism only when needed, the least recomputation; bf16 compute, f32 params and AdamW moments).
+# The train step fits; the edit rollout's prefill does not: the sampler prefills all rollout rows at
+# once, with float32 attention scores over the whole cache. The plan's phases:
 #   cpe-jax plan --config=configs/cpe_qwen2_5_14b_v5e256.py --tpu=v5litepod-256
 #   mesh {'data': 2, 'fsdp': 16, 'tensor': 8}  remat=full
-#     policy params                                     0.43 GiB
-#     policy optimizer (AdamW mu+nu, param dtype)       0.86 GiB
-#     critic params                                     0.43 GiB
-#     critic optimizer (AdamW mu+nu, param dtype)       0.86 GiB
-#     reference params                                  0.00 GiB
-#     gradients (policy + critic)                       1.73 GiB
-#     activations (policy + critic)                     6.99 GiB
-#     logits (f32)                                      0.87 GiB
-#     rollout KV cache                                  2.25 GiB
-#     resident                                          2.59 GiB
-#     peak                                             12.18 GiB
-#     fits in 13.6 GiB usable of 16 GiB HBM per chip
+#     old log-probs + values pass: layers     1.17 GiB
+#     old log-probs + values pass: head       0.44 GiB
+#     pi_e recompute: layers                  1.00 GiB
+#     pi_e recompute: head                    0.58 GiB
+#     PPO update                              8.22 GiB
+#     rollout                                 9.82 GiB
+#     edit rollout                           23.89 GiB  <- peak
+#     resident                                2.59 GiB
+#     train step peak                        10.81 GiB
+#     peak                                   26.48 GiB
+#     does NOT fit in 13.6 GiB usable of 16 GiB HBM per chip
 
 
 def get_config():

@@ -7,22 +7,23 @@
 
 from cpe_jax.config import sibling_config
 
-# Mesh and remat from the planner (`cpe-jax plan`: the smallest fsdp that fits, tensor parallelism
-# only when needed, the least recomputation that fits; bf16 compute, f32 params and AdamW moments):
+# Mesh and remat sized by the planner for the train step (`cpe-jax plan`: the smallest fsdp, tensor
+# parallelism only when needed, the least recomputation; bf16 compute, f32 params and AdamW moments).
+# The train step fits; the edit rollout's prefill does not: the sampler prefills all rollout rows at
+# once, with float32 attention scores over the whole cache. The plan's phases:
 #   cpe-jax plan --config=configs/cpe_qwen2_5_14b_v5p64.py --tpu=v5p-64
 #   mesh {'data': 2, 'fsdp': 4, 'tensor': 4}  remat=dots_no_batch
-#     policy params                                     3.44 GiB
-#     policy optimizer (AdamW mu+nu, param dtype)       6.88 GiB
-#     critic params                                     3.44 GiB
-#     critic optimizer (AdamW mu+nu, param dtype)       6.88 GiB
-#     reference params                                  0.00 GiB
-#     gradients (policy + critic)                      13.76 GiB
-#     activations (policy + critic)                    19.34 GiB
-#     logits (f32)                                      1.74 GiB
-#     rollout KV cache                                 18.00 GiB
-#     resident                                         20.65 GiB
-#     peak                                             55.49 GiB
-#     fits in 80.8 GiB usable of 95 GiB HBM per chip
+#     old log-probs + values pass: layers     1.72 GiB
+#     old log-probs + values pass: head       0.87 GiB
+#     pi_e recompute: layers                  1.52 GiB
+#     pi_e recompute: head                    1.16 GiB
+#     PPO update                             31.80 GiB
+#     rollout                                68.56 GiB
+#     edit rollout                          171.13 GiB  <- peak
+#     resident                               20.65 GiB
+#     train step peak                        52.44 GiB
+#     peak                                  191.77 GiB
+#     does NOT fit in 80.8 GiB usable of 95 GiB HBM per chip
 
 
 def get_config():

@@ -7,22 +7,23 @@
 
 from cpe_jax.config import sibling_config
 
-# Mesh and remat from the planner (`cpe-jax plan`: the smallest fsdp that fits, tensor parallelism
-# only when needed, the least recomputation that fits; bf16 compute, f32 params and AdamW moments):
+# Mesh and remat sized by the planner for the train step (`cpe-jax plan`: the smallest fsdp, tensor
+# parallelism only when needed, the least recomputation; bf16 compute, f32 params and AdamW moments).
+# The train step fits; the edit rollout's prefill does not: the sampler prefills all rollout rows at
+# once, with float32 attention scores over the whole cache. The plan's phases:
 #   cpe-jax plan --config=configs/cpe_qwen2_5_7b_v4_64.py --tpu=v4-64
 #   mesh {'data': 1, 'fsdp': 16, 'tensor': 2}  remat=full
-#     policy params                                     0.89 GiB
-#     policy optimizer (AdamW mu+nu, param dtype)       1.78 GiB
-#     critic params                                     0.89 GiB
-#     critic optimizer (AdamW mu+nu, param dtype)       1.78 GiB
-#     reference params                                  0.00 GiB
-#     gradients (policy + critic)                       3.55 GiB
-#     activations (policy + critic)                     8.89 GiB
-#     logits (f32)                                      3.48 GiB
-#     rollout KV cache                                  5.25 GiB
-#     resident                                          5.33 GiB
-#     peak                                             21.25 GiB
-#     fits in 27.2 GiB usable of 32 GiB HBM per chip
+#     old log-probs + values pass: layers     2.39 GiB
+#     old log-probs + values pass: head       1.74 GiB
+#     pi_e recompute: layers                  2.12 GiB
+#     pi_e recompute: head                    2.32 GiB
+#     PPO update                             11.09 GiB
+#     rollout                                42.94 GiB
+#     edit rollout                          112.13 GiB  <- peak
+#     resident                                5.33 GiB
+#     train step peak                        16.42 GiB
+#     peak                                  117.45 GiB
+#     does NOT fit in 27.2 GiB usable of 32 GiB HBM per chip
 
 
 def get_config():

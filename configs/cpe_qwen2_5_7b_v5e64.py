@@ -7,22 +7,23 @@
 
 from cpe_jax.config import sibling_config
 
-# Mesh and remat from the planner (`cpe-jax plan`: the smallest fsdp that fits, tensor parallelism
-# only when needed, the least recomputation that fits; bf16 compute, f32 params and AdamW moments):
+# Mesh and remat sized by the planner for the train step (`cpe-jax plan`: the smallest fsdp, tensor
+# parallelism only when needed, the least recomputation; bf16 compute, f32 params and AdamW moments).
+# The train step fits; the edit rollout's prefill does not: the sampler prefills all rollout rows at
+# once, with float32 attention scores over the whole cache. The plan's phases:
 #   cpe-jax plan --config=configs/cpe_qwen2_5_7b_v5e64.py --tpu=v5litepod-64
 #   mesh {'data': 1, 'fsdp': 16, 'tensor': 4}  remat=full
-#     policy params                                     0.44 GiB
-#     policy optimizer (AdamW mu+nu, param dtype)       0.89 GiB
-#     critic params                                     0.44 GiB
-#     critic optimizer (AdamW mu+nu, param dtype)       0.89 GiB
-#     reference params                                  0.00 GiB
-#     gradients (policy + critic)                       1.78 GiB
-#     activations (policy + critic)                     5.57 GiB
-#     logits (f32)                                      1.74 GiB
-#     rollout KV cache                                  2.62 GiB
-#     resident                                          2.66 GiB
-#     peak                                             11.75 GiB
-#     fits in 13.6 GiB usable of 16 GiB HBM per chip
+#     old log-probs + values pass: layers     1.41 GiB
+#     old log-probs + values pass: head       0.87 GiB
+#     pi_e recompute: layers                  1.22 GiB
+#     pi_e recompute: head                    1.16 GiB
+#     PPO update                              6.78 GiB
+#     rollout                                23.22 GiB
+#     edit rollout                           59.56 GiB  <- peak
+#     resident                                2.66 GiB
+#     train step peak                         9.44 GiB
+#     peak                                   62.23 GiB
+#     does NOT fit in 13.6 GiB usable of 16 GiB HBM per chip
 
 
 def get_config():

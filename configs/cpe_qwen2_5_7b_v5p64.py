@@ -7,22 +7,23 @@
 
 from cpe_jax.config import sibling_config
 
-# Mesh and remat from the planner (`cpe-jax plan`: the smallest fsdp that fits, tensor parallelism
-# only when needed, the least recomputation that fits; bf16 compute, f32 params and AdamW moments):
+# Mesh and remat sized by the planner for the train step (`cpe-jax plan`: the smallest fsdp, tensor
+# parallelism only when needed, the least recomputation; bf16 compute, f32 params and AdamW moments).
+# The train step fits; the edit rollout's prefill does not: the sampler prefills all rollout rows at
+# once, with float32 attention scores over the whole cache. The plan's phases:
 #   cpe-jax plan --config=configs/cpe_qwen2_5_7b_v5p64.py --tpu=v5p-64
 #   mesh {'data': 4, 'fsdp': 4, 'tensor': 2}  remat=dots_no_batch
-#     policy params                                     3.55 GiB
-#     policy optimizer (AdamW mu+nu, param dtype)       7.09 GiB
-#     critic params                                     3.55 GiB
-#     critic optimizer (AdamW mu+nu, param dtype)       7.09 GiB
-#     reference params                                  0.00 GiB
-#     gradients (policy + critic)                      14.19 GiB
-#     activations (policy + critic)                    19.50 GiB
-#     logits (f32)                                      3.48 GiB
-#     rollout KV cache                                  5.25 GiB
-#     resident                                         21.28 GiB
-#     peak                                             58.45 GiB
-#     fits in 80.8 GiB usable of 95 GiB HBM per chip
+#     old log-probs + values pass: layers     2.39 GiB
+#     old log-probs + values pass: head       1.74 GiB
+#     pi_e recompute: layers                  2.12 GiB
+#     pi_e recompute: head                    2.32 GiB
+#     PPO update                             32.34 GiB
+#     rollout                                42.94 GiB
+#     edit rollout                          112.13 GiB  <- peak
+#     resident                               21.28 GiB
+#     train step peak                        53.62 GiB
+#     peak                                  133.41 GiB
+#     does NOT fit in 80.8 GiB usable of 95 GiB HBM per chip
 
 
 def get_config():

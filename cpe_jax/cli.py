@@ -94,10 +94,15 @@ def _cmd_eval(argv):
     system = p.add_mutually_exclusive_group(required=True)
     system.add_argument("--policy", metavar="PATH", help="model directory (Hugging Face or Orbax) to generate with")
     system.add_argument("--responses", metavar="FILE", help="JSONL of responses to score instead "
-                        "(a `response` per row, aligned by line or by `question`)")
+                        "(a `response` per row, aligned by `id` when both files have one, else by "
+                        "(persona, question), else by line when the files have the same length)")
     p.add_argument("--eval-set", required=True, metavar="FILE",
                    help="JSONL rows {question, persona, response}; `response` is the baseline's")
-    p.add_argument("--baseline-responses", metavar="FILE", help="baseline responses from another JSONL file")
+    p.add_argument("--baseline-responses", metavar="FILE", help="baseline responses from another JSONL file "
+                   "(aligned like --responses)")
+    p.add_argument("--labels", metavar="FILE", help="JSONL rows {persona, question, tier, category} giving the "
+                   "eval set's PersonaFeedback tier (easy, medium, hard) and category (specific, general), "
+                   "for the per-tier and per-category rows (aligned like --responses)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--judge", required=True, choices=["python", "http", "flax"])
     p.add_argument("--judge-fn", metavar="MODULE:FUNCTION", help="--judge python: fn(conversation) -> str | JudgeReply")
@@ -125,6 +130,7 @@ def _cmd_eval(argv):
     from cpe_jax.data.personafeedback import load_eval_set
     from cpe_jax.errors import require_path
     from cpe_jax.eval import run
+    from cpe_jax.eval.report import grouping_notes
     from cpe_jax.sampling import Sampler, SamplingParams
 
     if args.batch_size < 1:
@@ -133,6 +139,8 @@ def _cmd_eval(argv):
         raise UserError("--temperature and --dtype apply to --policy only, not to --responses")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     examples = load_eval_set(args.eval_set)
+    if args.labels:
+        examples = run.apply_labels(examples, args.labels)
     judge, judge_label = run.build_judge(
         args.judge, judge_fn=args.judge_fn, base_url=args.base_url, judge_model=args.judge_model,
         api_key_env=args.api_key_env, judge_path=args.judge_path, max_concurrency=args.max_concurrency,
@@ -157,6 +165,8 @@ def _cmd_eval(argv):
     )
     overall = metrics["overall"]
     lc = overall.get("lc_win_rate")
+    for note in grouping_notes(metrics):
+        print(note)
     print(
         f"n={overall['n']} win rate {overall['win_rate']:.1f}%"
         + (f", LC win rate {lc:.1f}%" if lc is not None else "")
@@ -239,22 +249,32 @@ def _cmd_rm_eval(argv):
                    help="GRM temperature (default 0, or 0.9 - the critique temperature - with --repeat > 1)")
     p.add_argument("--max-tokens", type=int, default=1024, help="GRM reply length")
     p.add_argument("--language", choices=["en", "zh"], default="en")
-    p.add_argument("--categories", default="general,specific")
-    p.add_argument("--tiers", default="easy,medium,hard")
+    p.add_argument("--categories", metavar="LIST",
+                   help="comma-separated, of general, specific (default: every category that has files; "
+                   "one named here must have them)")
+    p.add_argument("--tiers", metavar="LIST", help="comma-separated, of easy, medium (or mid), hard (default: "
+                   "all three, each of which must have a non-empty file in a category that has files)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="go on without missing or empty tier files and categories, warning with the table")
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
 
     import logging
     import os
 
-    from cpe_jax.data.personafeedback import load_pairs
+    from cpe_jax.data.personafeedback import find_pair_files, read_pairs
     from cpe_jax.errors import require_path
     from cpe_jax.reward import rm_eval
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.repeat < 1 or args.batch_size < 1:
         raise UserError(f"--repeat={args.repeat} and --batch-size={args.batch_size} must be >= 1")
-    pairs = load_pairs(args.data, categories=args.categories.split(","), tiers=args.tiers.split(","))
+    def names(value):  # "easy, mid" -> ["easy", "mid"]; None stays None (the default)
+        return None if value is None else [n.strip() for n in value.split(",") if n.strip()]
+
+    found = find_pair_files(args.data, categories=names(args.categories), tiers=names(args.tiers),
+                            allow_missing=args.allow_missing)
+    pairs = read_pairs(found)
     temperature = args.temperature if args.temperature is not None else (0.9 if args.repeat > 1 else 0.0)
     info = {"rm_type": args.rm_type, "data": os.path.abspath(args.data), "repeat": args.repeat}
     if args.rm_type == "bt":
@@ -293,8 +313,10 @@ def _cmd_rm_eval(argv):
             scorer = GRMScorer(judge, language=args.language, temperature=temperature, max_tokens=args.max_tokens)
         info["temperature"] = temperature
         scores = rm_eval.grm_pair_scores(scorer, pairs, repeat=args.repeat, batch_size=args.batch_size)
-    metrics = rm_eval.evaluate(pairs, scores, args.out, info=info)
+    metrics = rm_eval.evaluate(pairs, scores, args.out, info=info, notes=found.notes)
     overall = metrics["accuracy"]["overall"]
+    for note in found.notes:
+        print(note)
     print(f"n={overall['n']} accuracy {100 * overall['accuracy']:.1f}% (ties {overall['ties']}, "
           f"invalid {overall['invalid']}); table in {os.path.join(args.out, 'rm_eval.md')}")
 

@@ -47,6 +47,7 @@ class PairExample:
     rejected: np.ndarray
     rejected_targets: np.ndarray
     truncated: bool = False
+    where: str = ""  # FILE:LINE (or pair) for error messages
     ref_chosen: float = float("nan")
     ref_rejected: float = float("nan")
 
@@ -59,7 +60,7 @@ def _tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, where):
         arrays.append((ids, targets))
     truncated = any(len(ids) > max_length for ids, _ in arrays)
     (c, ct), (r, rt) = [(ids[:max_length], targets[:max_length]) for ids, targets in arrays]
-    return PairExample(c, ct, r, rt, truncated=truncated)
+    return PairExample(c, ct, r, rt, truncated=truncated, where=where)
 
 
 def load_pairs(config, tokenizer, process_index=0, process_count=1):

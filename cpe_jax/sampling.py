@@ -15,7 +15,6 @@ size and prompt length (so repeated calls reuse compiled code), shards over a me
 
 import dataclasses
 import logging
-import math
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from cpe_jax.errors import UserError
+from cpe_jax.tokenizer import check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -201,16 +201,6 @@ def _keys_for_rows(rng, batch_size):
     return rng
 
 
-def _lm_logits(model, hidden):
-    """Vocabulary logits of the final hidden states [B, E] -> [B, V] float32 (only the positions
-    we sample from: prefill never materialises [B, P, V])."""
-    cfg = model.config
-    head = model.embed[...].T if cfg.tie_word_embeddings else model.lm_head[...]
-    return jnp.einsum(
-        "be,ev->bv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32
-    )
-
-
 def _record(ds: DecodeState, config: SampleConfig, tokens, logprobs, sampling_logprobs):
     """Write step `ds.step`'s samples for rows still running, and mark rows that just ended."""
     active = ~ds.done
@@ -252,14 +242,15 @@ def prefill(graphdef, state, prompt_tokens, prompt_mask, rng, config: SampleConf
     n = config.max_new_tokens
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     prompt_mask = prompt_mask.astype(bool)
-    # Slots [P, P + N) hold generated tokens; N - 1 of them are ever fed back.
+    # Slots [P, P + N) hold generated tokens; N - 1 of them are ever fed back. A slot becomes valid
+    # when its token is fed (decoding attends by the mask alone).
     cache = init_cache(model.config, b, p + n, dtype=config.cache_dtype)
-    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((b, n), bool)], axis=1)
+    cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n), bool)], axis=1)
     positions = positions_from_mask(prompt_mask)
     _, cache, hidden = model(
         prompt_tokens, positions, cache, cache_mask, return_hidden=True, skip_logits=True
     )
-    logits = _lm_logits(model, hidden[:, -1])
+    logits = model.vocabulary_logits(hidden[:, -1])
     empty = ~jnp.any(prompt_mask, axis=1)
     ds = DecodeState(
         cache=cache,
@@ -287,16 +278,18 @@ def decode(graphdef, state, ds: DecodeState, config: SampleConfig) -> DecodeStat
         return (ds.step < config.max_new_tokens) & ~jnp.all(ds.done)
 
     def step(ds):
+        cache_mask = jax.lax.dynamic_update_slice(
+            ds.cache_mask, jnp.ones((ds.cache_mask.shape[0], 1), bool), (0, ds.cache["end"]))
         _, cache, hidden = model(
             ds.last_token[:, None],
             ds.next_position[:, None],
             ds.cache,
-            ds.cache_mask,
+            cache_mask,
             return_hidden=True,
             skip_logits=True,
         )
-        logits = _lm_logits(model, hidden[:, -1])
-        ds = ds._replace(cache=cache, next_position=ds.next_position + 1)
+        logits = model.vocabulary_logits(hidden[:, -1])
+        ds = ds._replace(cache=cache, cache_mask=cache_mask, next_position=ds.next_position + 1)
         return _sample_step(ds, logits, config)
 
     return jax.lax.while_loop(running, step, ds)
@@ -336,25 +329,21 @@ class SampleOutput:
     index: int = 0  # sample index among the n samples of that prompt
 
 
-def bucket_size(n: int, minimum: int = 1, multiple: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum), rounded up to a multiple of `multiple`
-    (the batch-sharding degree), so ragged requests hit a few compiled shapes."""
-    size = 1 << max(0, math.ceil(math.log2(max(n, minimum, 1))))
-    return -(-size // multiple) * multiple
-
-
 class Sampler:
-    """Generate from a `Qwen2ForCausalLM` with compiled prefill/decode reused across calls.
+    """Generate from a `Qwen2ForCausalLM` on the slot engine (`cpe_jax.engine.Engine`): continuous
+    batching, one prefill per prompt for its n samples, per-request settings, compiled code reused
+    across calls.
 
     Args:
       model: the NNX model (parameters already placed on `mesh` when one is given).
       tokenizer: optional transformers tokenizer; needed for string prompts and `text`.
-      mesh: shard the batch over data/fsdp and the cache's kv heads over tensor.
+      mesh: shard the slots over data/fsdp and the cache's kv heads over tensor.
       max_prompt_length: longer prompts raise a UserError (default: the model's max positions
         minus max_tokens).
-      max_batch_size: rows per compiled call; bigger requests run in chunks.
+      max_batch_size: decode slots of the engine.
       eos_token_ids: default: the tokenizer's EOS/turn-end tokens and the model config's.
       min_prompt_bucket: smallest prompt-length bucket.
+      sync_every: decode steps between refills of finished slots.
     """
 
     def __init__(
@@ -368,29 +357,37 @@ class Sampler:
         eos_token_ids=None,
         cache_dtype=None,
         min_prompt_bucket=16,
+        sync_every=None,
     ):
+        from cpe_jax.engine import DEFAULT_SYNC_EVERY, Engine
         from cpe_jax.tokenizer import eos_token_ids as tokenizer_eos_ids
+        from cpe_jax.tokenizer import pad_token_id, sampleable_ids
 
-        self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.max_prompt_length = max_prompt_length
-        self.max_batch_size = int(max_batch_size)
-        self.cache_dtype = cache_dtype
-        self.min_prompt_bucket = min_prompt_bucket
         if eos_token_ids is None:
             model_eos = self.config.eos_token_id
             model_eos = () if model_eos is None else model_eos
             model_eos = model_eos if isinstance(model_eos, (tuple, list)) else (model_eos,)
             eos_token_ids = tuple(tokenizer_eos_ids(tokenizer)) if tokenizer is not None else ()
             eos_token_ids = tuple(dict.fromkeys(eos_token_ids + tuple(model_eos)))
-        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
-        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
-        self.compile_count = 0  # traces of the prefill/decode pair; one per new bucket/config
-        self._prefill = jax.jit(self._traced_prefill, static_argnums=(4,))
-        self._decode = jax.jit(self._traced_decode, static_argnums=(2,), donate_argnums=(1,))
+        self.eos_token_ids = sampleable_ids(eos_token_ids, self.config.vocab_size, "EOS")
+        self.pad_token_id = pad_token_id(tokenizer, self.config.vocab_size, self.eos_token_ids)
+        self.engine = Engine(model, num_slots=int(max_batch_size), mesh=mesh, eos_token_ids=self.eos_token_ids,
+                             pad_token_id=self.pad_token_id, cache_dtype=cache_dtype,
+                             min_prompt_bucket=min_prompt_bucket, sync_every=sync_every or DEFAULT_SYNC_EVERY)
+        self.graphdef = self.engine.graphdef
+
+    @property
+    def state(self):
+        return self.engine.params
+
+    @property
+    def compile_count(self):
+        """Programs compiled so far (engine admissions and decode loops); steady state adds none."""
+        return self.engine.compile_count
 
     @classmethod
     def from_pretrained(cls, path, *, mesh=None, dtype=None, **kwargs):
@@ -412,32 +409,7 @@ class Sampler:
 
     def set_state(self, state):
         """Sample from new weights of the same structure (e.g. after a train step): no recompile."""
-        self.state = state
-
-    # -- compiled pieces --
-    def _traced_prefill(self, state, tokens, mask, keys, config):
-        # Runs only while tracing, i.e. once per new (batch, prompt_len, config): a compile.
-        self.compile_count += 1
-        logger.info(
-            "compiling sampler for batch=%d prompt_len=%d max_new_tokens=%d",
-            tokens.shape[0], tokens.shape[1], config.max_new_tokens,
-        )
-        return prefill(self.graphdef, state, tokens, mask, keys, config)
-
-    def _traced_decode(self, state, ds, config):
-        return decode(self.graphdef, state, ds, config)
-
-    def _run(self, state, tokens, mask, keys, config):
-        if self.mesh is None:
-            ds = self._prefill(state, tokens, mask, keys, config)
-            return jax.device_get(result_of(self._decode(state, ds, config)))
-        from cpe_jax.sharding import shard_batch
-
-        with jax.set_mesh(self.mesh):
-            tokens, mask = shard_batch(self.mesh, (tokens, mask))
-            keys = jax.device_put(keys, shard_batch_sharding(self.mesh, keys.shape))
-            ds = self._prefill(state, tokens, mask, keys, config)
-            return jax.device_get(result_of(self._decode(state, ds, config)))
+        self.engine.set_params(state)
 
     # -- public API --
     def encode(self, prompt, index=0):
@@ -450,10 +422,7 @@ class Sampler:
             ids = [int(t) for t in prompt]
         except (TypeError, ValueError):
             raise UserError(f"prompt {index} is neither a string nor a list of token ids") from None
-        if any(t < 0 or t >= self.config.vocab_size for t in ids):
-            raise UserError(
-                f"prompt {index} has token ids outside [0, {self.config.vocab_size})"
-            )
+        check_token_ids(ids, self.config.vocab_size, f"prompt {index}")
         return ids
 
     def prompt_limit(self, params: SamplingParams) -> int:
@@ -462,94 +431,49 @@ class Sampler:
             return int(self.max_prompt_length)
         return self.config.max_position_embeddings - params.max_tokens
 
-    def generate(self, prompts, params: Optional[SamplingParams] = None, *, progress=False):
+    def generate(self, prompts, params=None, *, progress=False, row_keys=None):
         """Sample params.n completions of each prompt (strings or lists of token ids).
 
-        Returns a flat list of len(prompts) * n SampleOutputs, prompt-major: prompt i's samples
-        are outputs[i * n:(i + 1) * n] (each carries prompt_index and index).
+        `params`: one SamplingParams for every prompt, or a list with one per prompt (as vLLM
+        takes them). `row_keys`: optional keys, one per output row, instead of the seed's.
+        Returns a flat list of SampleOutputs, prompt-major: prompt i's n samples are consecutive
+        (each carries prompt_index and index).
         """
         params = params or SamplingParams()
         if isinstance(prompts, (str, bytes)) or (
             len(prompts) and isinstance(prompts[0], (int, np.integer))
         ):
             raise UserError("prompts must be a list of prompts (strings or lists of token ids)")
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         encoded = [self.encode(p, i) for i, p in enumerate(prompts)]
-        limit = self.prompt_limit(params)
-        for i, ids in enumerate(encoded):
+        for i, (ids, p) in enumerate(zip(encoded, params_list)):
+            if not isinstance(p, SamplingParams):
+                raise UserError(f"params[{i}] is a {type(p).__name__}, not a SamplingParams")
             if not ids:
                 raise UserError(f"prompt {i} is empty")
+            limit = self.prompt_limit(p)
             if len(ids) > limit:
                 raise UserError(
                     f"prompt {i} has {len(ids)} tokens, more than the limit of {limit}"
                     " (max_prompt_length, or max positions minus max_tokens)"
                 )
-        config = SampleConfig(
-            max_new_tokens=params.max_tokens,
-            temperature=float(params.temperature),
-            top_p=float(params.top_p),
-            top_k=int(params.top_k),
-            eos_token_ids=self.eos_token_ids,
-            stop_token_ids=params.stop_token_ids,
-            ignore_eos=params.ignore_eos,
-            pad_token_id=self.pad_token_id,
-            cache_dtype=self.cache_dtype,
-        )
-        rows = [(i, j) for i in range(len(encoded)) for j in range(params.n)]
-        chunks = [rows[s : s + self.max_batch_size] for s in range(0, len(rows), self.max_batch_size)]
-        if progress:
-            from tqdm.auto import tqdm
-
-            chunks = tqdm(chunks, desc="generate", unit="batch")
-        outputs = []
-        for chunk in chunks:
-            outputs += self._generate_chunk(chunk, encoded, params, config)
-        return outputs
-
-    def _batch_multiple(self):
-        if self.mesh is None:
-            return 1
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-
-    def _generate_chunk(self, chunk, encoded, params, config):
-        lengths = [len(encoded[i]) for i, _ in chunk]
-        b = bucket_size(len(chunk), 1, self._batch_multiple())
-        p = bucket_size(max(lengths), self.min_prompt_bucket)
-        tokens = np.full((b, p), self.pad_token_id, np.int32)
-        mask = np.zeros((b, p), bool)
-        row_ids = np.zeros((b,), np.int64)
-        for r, (i, j) in enumerate(chunk):
-            ids = encoded[i]
-            tokens[r, p - len(ids) :] = ids  # left padding
-            mask[r, p - len(ids) :] = True
-            row_ids[r] = i * params.n + j
-        keys = row_keys(params.seed, row_ids)
-        result = self._run(self.state, tokens, mask, keys, config)
-        outputs = []
-        for r, (i, j) in enumerate(chunk):
-            length = int(result.lengths[r])
-            token_ids = [int(t) for t in result.tokens[r, :length]]
-            text = None
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            outputs.append(
-                SampleOutput(
-                    token_ids=token_ids,
-                    text=text,
-                    logprobs=[float(x) for x in result.logprobs[r, :length]],
-                    sampling_logprobs=[float(x) for x in result.sampling_logprobs[r, :length]],
-                    finish_reason="stop" if bool(result.stopped[r]) else "length",
-                    prompt_token_ids=list(encoded[i]),
-                    prompt_index=i,
-                    index=j,
-                )
+        rows = self.engine.generate(encoded, params_list, progress=progress, row_keys=row_keys)
+        return [
+            SampleOutput(
+                token_ids=row.token_ids,
+                text=(self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+                      if self.tokenizer is not None else None),
+                logprobs=row.logprobs,
+                sampling_logprobs=row.sampling_logprobs,
+                finish_reason="stop" if row.stopped else "length",
+                prompt_token_ids=list(encoded[row.prompt_index]),
+                prompt_index=row.prompt_index,
+                index=row.index,
             )
-        return outputs
-
-
-def shard_batch_sharding(mesh, shape):
-    from cpe_jax.sharding import logical_sharding
-
-    return logical_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
+            for row in rows
+        ]
 
 
 # ---- JSONL in, JSONL out (the `cpe-jax generate` command) ------------------------------------
@@ -579,8 +503,6 @@ def read_prompt_rows(path, tokenizer=None, *, chat=False, vocab_size=None):
         if keys[0] == "prompt_token_ids":
             if not (isinstance(value, list) and value and all(_is_int(t) for t in value)):
                 raise UserError(f'{where}: "prompt_token_ids" must be a non-empty list of ints')
-            if vocab_size is not None and any(t < 0 or t >= vocab_size for t in value):
-                raise UserError(f'{where}: "prompt_token_ids" has ids outside [0, {vocab_size})')
             ids = list(value)
         else:
             if tokenizer is None:
@@ -608,6 +530,8 @@ def read_prompt_rows(path, tokenizer=None, *, chat=False, vocab_size=None):
                 ids = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
             if not ids:
                 raise UserError(f"{where}: the prompt encodes to no tokens")
+        if vocab_size is not None:
+            check_token_ids(ids, vocab_size, where)
         rows.append(row)
         encoded.append(ids)
         lines.append(line_no)

@@ -43,6 +43,7 @@ class Example:
     targets: np.ndarray = None
     rejected: np.ndarray = None
     truncated: bool = False
+    where: str = ""  # FILE:LINE (or pair) for error messages
 
 
 def read_rows(path, process_index=0, process_count=1):
@@ -145,10 +146,11 @@ def load_examples(config, tokenizer, process_index=0, process_count=1):
 
         pairs = load_pairs(path)[process_index::process_count]
         language = config.data.get("language", "en")
-        for p in pairs:
+        for i, p in enumerate(pairs):
             chosen = _encode_chat(tokenizer, example_messages(p.persona, p.question, p.chosen, language))
             rejected = _encode_chat(tokenizer, example_messages(p.persona, p.question, p.rejected, language))
-            examples.append(_pair_example(chosen, rejected, max_length))
+            where = f"{p.source} pair {i * process_count + process_index}"
+            examples.append(_pair_example(chosen, rejected, max_length, where))
         return examples
     skipped = 0
     for where, row in read_rows(path, process_index, process_count):
@@ -158,21 +160,36 @@ def load_examples(config, tokenizer, process_index=0, process_count=1):
         if mode == "lm":
             ids, targets = tokenize_conversation(tokenizer, lm_conversation(row, where), where)
             truncated = len(ids) > max_length
-            examples.append(Example(ids[:max_length], targets[:max_length], truncated=truncated))
+            examples.append(Example(ids[:max_length], targets[:max_length], truncated=truncated, where=where))
         else:
             prompt = _prompt_messages(row, where)
             chosen = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": _string(row, "chosen", where)}])
             rejected = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": _string(row, "rejected", where)}])
-            examples.append(_pair_example(chosen, rejected, max_length))
+            examples.append(_pair_example(chosen, rejected, max_length, where))
     if skipped:
         log.warning("%s: skipped %d rows marked \"valid\": false", path, skipped)
     return examples
 
 
-def _pair_example(chosen, rejected, max_length):
+def _pair_example(chosen, rejected, max_length, where):
     # The score is read at the last token, so a too-long sequence loses its beginning.
     truncated = len(chosen) > max_length or len(rejected) > max_length
-    return Example(chosen[-max_length:], rejected=rejected[-max_length:], truncated=truncated)
+    return Example(chosen[-max_length:], rejected=rejected[-max_length:], truncated=truncated, where=where)
+
+
+TOKEN_FIELDS = ("tokens", "rejected", "chosen")  # the token arrays of Example and dpo.PairExample
+
+
+def check_example_ids(examples, vocab_size):
+    """Every token id of every example inside the model's vocabulary, else a UserError naming the
+    example's row and the id (a tokenizer larger than the model would read past the embedding)."""
+    from cpe_jax.tokenizer import check_token_ids
+
+    for example in examples:
+        for field in TOKEN_FIELDS:
+            ids = getattr(example, field, None)
+            if ids is not None:
+                check_token_ids(ids, vocab_size, example.where)
 
 
 def bucket_width(length, bucket_size, max_length):
@@ -364,7 +381,7 @@ class SFTTrainer:
         from cpe_jax.checkpoints import TrainCheckpointer
         from cpe_jax.metrics import MetricsWriter
         from cpe_jax.sharding import logical_sharding
-        from cpe_jax.tokenizer import load_tokenizer
+        from cpe_jax.tokenizer import load_tokenizer, pad_token_id
 
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.config, self.workdir = config, os.path.abspath(workdir)
@@ -372,7 +389,6 @@ class SFTTrainer:
         os.makedirs(self.workdir, exist_ok=True)
         self.tokenizer_dir = config.tokenizer or config.model
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
         self.examples = self.load_examples()
         self.local_batch = config.batch_size // self.process_count
@@ -387,6 +403,8 @@ class SFTTrainer:
         self.total_steps = config.total_steps or config.epochs * self.steps_per_epoch
 
         model = cpe_jax.load_model(config.model, mesh=self.mesh, dtype=config.dtype or None)
+        check_example_ids(self.examples, model.config.vocab_size)
+        self.pad_id = pad_token_id(self.tokenizer, model.config.vocab_size)
         if config.get("remat"):
             model.config = model.config.replace(remat=config.remat)
         self.generation_config = getattr(model, "generation_config", None)

@@ -5,9 +5,14 @@ tokenizer as `tokenizer.json` or as `vocab.json` + `merges.txt`.
 """
 
 import json
+import logging
 import os
 
+import numpy as np
+
 from cpe_jax.errors import UserError, require_path
+
+logger = logging.getLogger(__name__)
 
 # Qwen2.5's ChatML layout, used when the directory has no chat template of its own.
 QWEN_CHAT_TEMPLATE = (
@@ -107,9 +112,10 @@ def _vocab_id(tokenizer, token):
     return int(token_id)
 
 
-def eos_token_ids(tokenizer=None, model_dir=None):
+def eos_token_ids(tokenizer=None, model_dir=None, vocab_size=None):
     """All token ids that end a response: the tokenizer's EOS, Qwen's turn-end tokens, and the
-    `eos_token_id` of the model's generation_config.json / config.json (int or list)."""
+    `eos_token_id` of the model's generation_config.json / config.json (int or list). With
+    `vocab_size`, only the ids a model of that vocabulary can sample (see `sampleable_ids`)."""
     ids = []
     if tokenizer is not None:
         if tokenizer.eos_token_id is not None:
@@ -131,4 +137,38 @@ def eos_token_ids(tokenizer=None, model_dir=None):
             if value is None:
                 continue
             ids.extend(int(v) for v in (value if isinstance(value, list) else [value]))
-    return tuple(dict.fromkeys(ids))  # unique, in order
+    ids = tuple(dict.fromkeys(ids))  # unique, in order
+    return ids if vocab_size is None else sampleable_ids(ids, vocab_size, "EOS")
+
+
+def sampleable_ids(ids, vocab_size, what="token"):
+    """The ids in [0, vocab_size), in order: an id past the vocabulary can never be sampled, so as
+    a stop token it would never fire. Dropped ids are named in one warning."""
+    ids = tuple(int(i) for i in ids)
+    kept = tuple(i for i in ids if 0 <= i < vocab_size)
+    if len(kept) != len(ids):
+        logger.warning("%s ids %s lie outside the vocabulary [0, %d) and are ignored", what,
+                       [i for i in ids if i not in kept], vocab_size)
+    return kept
+
+
+def check_token_ids(ids, vocab_size, where):
+    """`ids` unchanged, or a UserError naming `where` and the first id outside [0, vocab_size):
+    such an id (a tokenizer larger than the model, a hand-written id) would read past the
+    embedding table."""
+    array = np.asarray(ids, np.int64)
+    bad = (array < 0) | (array >= vocab_size)
+    if bad.any():
+        raise UserError(f"{where}: token id {int(array[bad][0])} is outside the model's vocabulary "
+                        f"[0, {vocab_size})")
+    return ids
+
+
+def pad_token_id(tokenizer, vocab_size, eos_ids=()):
+    """A padding id inside the vocabulary: the tokenizer's pad token if it is there, else the
+    first EOS id that is, else 0. Padded positions are masked, but the id still has to be one the
+    model can embed and a reader of the token buffer can decode."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), *eos_ids):
+        if candidate is not None and 0 <= int(candidate) < vocab_size:
+            return int(candidate)
+    return 0

@@ -1,5 +1,7 @@
+import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -10,7 +12,8 @@ import pytest
 from cpe_jax import cli
 from cpe_jax.data.personafeedback import load_eval_set
 from cpe_jax.eval import lc_win_rate
-from cpe_jax.eval.run import evaluate
+from cpe_jax.errors import UserError
+from cpe_jax.eval.run import evaluate, read_responses
 from cpe_jax.reward.judges import CallableJudge, JudgeReply
 from tests.helpers import SHARED_SAMPLE
 
@@ -156,6 +159,147 @@ def test_responses_aligned_by_question(tmp_path):
               "--judge-fn", "test_eval_cli:always_a", "--out", str(tmp_path / "out")])
     annotations = sorted(_rows(tmp_path / "out" / "annotations.jsonl"), key=lambda r: r["index"])
     assert [r["model_response"] for r in annotations] == [r["response"] for r in rows[::-1]]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _repeated_questions(tmp_path):
+    """An eval set in the released layout (persona as a JSON string) whose two questions are each
+    asked of three personas, plus one exact duplicate pair; and the same rows answered, shuffled."""
+    sample = _rows(GPT4O)
+    other = json.dumps(dict(json.loads(sample[0]["persona"]), Name="Amira"), ensure_ascii=False)
+    personas, questions = [sample[0]["persona"], sample[6]["persona"], other], [sample[3]["question"], sample[4]["question"]]
+    eval_rows = [{"question": q, "persona": p, "response": f"base {qi}{pi}"}
+                 for qi, q in enumerate(questions) for pi, p in enumerate(personas)]
+    eval_rows.append(dict(eval_rows[4], response="base dup"))  # the same (persona, question) again
+    answers = [{"question": r["question"], "persona": r["persona"], "response": f"answer {i}"}
+               for i, r in enumerate(eval_rows)]
+    order = [6, 2, 4, 0, 5, 1, 3]  # of the duplicate pair, answer 6 comes first: it goes to example 4
+    shuffled = [answers[i] for i in order]
+    # Personas reserialized another way (key order, spacing) are still the same persona.
+    shuffled[0]["persona"] = json.dumps(dict(reversed(list(json.loads(shuffled[0]["persona"]).items()))))
+    return _write(tmp_path / "eval.jsonl", eval_rows), _write(tmp_path / "answers.jsonl", shuffled), answers
+
+
+def test_repeated_questions_align_by_persona_and_question(tmp_path, caplog):
+    eval_set, answers_file, answers = _repeated_questions(tmp_path)
+    examples = load_eval_set(eval_set)
+    with caplog.at_level(logging.INFO):
+        texts = read_responses(answers_file, examples)
+    assert texts == [a["response"] for a in answers[:4]] + ["answer 6", "answer 5", "answer 4"]
+    assert "aligned to the evaluation set by persona and question" in caplog.text
+    _run_cli(["--responses", answers_file, "--eval-set", eval_set, "--judge", "python",
+              "--judge-fn", "test_eval_cli:always_a", "--out", str(tmp_path / "out")])
+    annotations = sorted(_rows(tmp_path / "out" / "annotations.jsonl"), key=lambda r: r["index"])
+    assert [r["model_response"] for r in annotations] == texts
+    assert [r["baseline_response"] for r in annotations][-3:] == ["base 11", "base 12", "base dup"]
+
+
+def test_alignment_by_line_and_by_id(tmp_path, caplog):
+    eval_set, _, answers = _repeated_questions(tmp_path)
+    examples = load_eval_set(eval_set)
+    with caplog.at_level(logging.INFO):
+        same = _write(tmp_path / "same.jsonl", answers)
+        assert read_responses(same, examples) == [a["response"] for a in answers]
+        assert "by line (same length and order, checked by persona and question)" in caplog.text
+        bare = _write(tmp_path / "bare.jsonl", [{"response": a["response"]} for a in answers])
+        assert read_responses(bare, examples) == [a["response"] for a in answers]
+        assert "by line (same length; the rows have no id, persona or question fields)" in caplog.text
+    with pytest.raises(UserError, match=r"bare\.jsonl: 6 rows for 7 evaluation questions, and the rows have no"):
+        read_responses(_write(tmp_path / "bare.jsonl", [{"response": a["response"]} for a in answers[:6]]), examples)
+
+    with_ids = [dict(json.loads(line), id=f"q{i}") for i, line in enumerate(open(eval_set, encoding="utf-8"))]
+    eval_ids = _write(tmp_path / "eval_ids.jsonl", with_ids)
+    by_id = [{"id": f"q{i}", "response": f"id answer {i}", "question": "ignored when ids are there"}
+             for i in reversed(range(7))]
+    assert read_responses(_write(tmp_path / "by_id.jsonl", by_id), load_eval_set(eval_ids)) == [
+        f"id answer {i}" for i in range(7)]
+
+
+@pytest.mark.parametrize("drop,message", [
+    (slice(0, 6), r"answers\.jsonl: no row for 1 of 7 evaluation questions \(aligned by persona and question\), "
+                  r"the first eval\.jsonl:7"),
+    (slice(0, 8), r"answers\.jsonl:8: 1 rows match no evaluation question"),
+])
+def test_alignment_never_drops_or_invents_a_row(tmp_path, drop, message):
+    eval_set, _, answers = _repeated_questions(tmp_path)
+    rows = answers + [dict(answers[0], response="one too many")]
+    with pytest.raises(UserError, match=message):
+        read_responses(_write(tmp_path / "answers.jsonl", rows[drop]), load_eval_set(eval_set))
+
+
+def test_question_only_rows_refused_when_questions_repeat(tmp_path):
+    eval_set, _, answers = _repeated_questions(tmp_path)
+    rows = [{"question": a["question"], "response": a["response"]} for a in answers][::-1]
+    with pytest.raises(UserError, match="asks .* of several personas; add 'persona'"):
+        read_responses(_write(tmp_path / "answers.jsonl", rows), load_eval_set(eval_set))
+
+
+def test_bad_byte_in_responses_exits_2(tmp_path, capsys):
+    lines = open(GPT4O_MINI, "rb").read().split(b"\n")
+    lines[5] = lines[5].replace(b'"response": "', b'"response": "\xe9', 1)  # a Latin-1 é
+    bad = tmp_path / "mini.jsonl"
+    bad.write_bytes(b"\n".join(lines))
+    with pytest.raises(SystemExit) as e:
+        _run_cli(["--responses", str(bad), "--eval-set", GPT4O, "--judge", "python",
+                  "--judge-fn", "test_eval_cli:always_a", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and f"{bad}:6: not UTF-8 text" in err and len(err.splitlines()) == 1
+
+
+def test_empty_eval_set_names_the_eval_file(tmp_path, capsys):
+    empty = tmp_path / "eval.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit) as e:
+        _run_cli(["--responses", GPT4O_MINI, "--eval-set", str(empty), "--judge", "python",
+                  "--judge-fn", "test_eval_cli:always_a", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"evaluation file {empty} has no rows" in err and "mini" not in err
+
+
+def test_unlabelled_eval_set_says_so_and_labels_file_fills_in(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--responses", GPT4O_MINI, "--eval-set", GPT4O, "--judge", "python", "--judge-fn",
+            "test_eval_cli:soft_judge"]
+    _run_cli(args + ["--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["by_tier"] is None and metrics["by_category"] is None
+    assert "no tier labels" in metrics["by_tier_reason"] and "--labels" in metrics["by_tier_reason"]
+    report = (out / "report.md").read_text()
+    assert "No per-tier rows: the evaluation set has no tier labels" in report and "| tier:" not in report
+    assert "No per-tier rows" in capsys.readouterr().out
+
+    rows = _rows(GPT4O)
+    tiers = ["easy", "mid", "hard"]
+    labels = [{"persona": r["persona"], "question": r["question"], "tier": tiers[i % 3],
+               "category": "general" if i < 10 else "specific"} for i, r in enumerate(rows)][::-1]
+    labels_file = _write(tmp_path / "labels.jsonl", labels)
+    _run_cli(args + ["--out", str(tmp_path / "labelled"), "--labels", labels_file])
+    metrics = json.loads((tmp_path / "labelled" / "metrics.json").read_text())
+    annotations = sorted(_rows(tmp_path / "labelled" / "annotations.jsonl"), key=lambda r: r["index"])
+    assert [r["tier"] for r in annotations] == [("easy", "medium", "hard")[i % 3] for i in range(16)]
+    assert list(metrics["by_tier"]) == ["easy", "medium", "hard"]
+    assert {k: v["n"] for k, v in metrics["by_category"].items()} == {"specific": 6, "general": 10}
+    easy = [r["preference"] for r in annotations if r["tier"] == "easy"]
+    assert metrics["by_tier"]["easy"]["win_rate"] == pytest.approx(100 * np.mean(easy))
+    assert "by_tier_reason" not in metrics
+
+    labels[0]["tier"] = "extreme"
+    with pytest.raises(SystemExit) as e:
+        _run_cli(args + ["--out", str(tmp_path / "bad"), "--labels", _write(tmp_path / "labels.jsonl", labels)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "labels.jsonl:1: unknown tier 'extreme'; known: easy, medium (or mid), hard" in err
+
+
+def test_partly_labelled_eval_set_counts_the_unlabelled(tmp_path):
+    examples = load_eval_set(GPT4O)
+    labelled = [dataclasses.replace(ex, tier="hard") if i < 10 else ex for i, ex in enumerate(examples)]
+    metrics = evaluate(labelled, tmp_path, judge=CallableJudge(always_a), responses=[ex.response for ex in examples])
+    assert metrics["by_tier"]["hard"]["n"] == 10 and metrics["by_tier_unlabelled"] == 6
+    assert "6 of 16 rows have no tier label" in (tmp_path / "report.md").read_text()
 
 
 def test_malformed_eval_row_names_file_and_line(tmp_path, capsys):

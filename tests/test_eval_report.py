@@ -52,7 +52,8 @@ def test_rows_without_tier_only_count_overall():
     for r in rows:
         del r["tier"], r["category"]
     s = summarize(rows)
-    assert s["by_tier"] == {} and s["by_category"] == {} and s["overall"]["n"] == 30
+    assert s["by_tier"] is None and s["by_category"] is None and s["overall"]["n"] == 30
+    assert "no tier labels" in s["by_tier_reason"] and "no category labels" in s["by_category_reason"]
 
 
 def test_bad_rows_name_the_row():

@@ -92,7 +92,8 @@ def test_pieces_tokenize_like_the_host_prompts(model_dirs):
     from cpe_jax.tokenizer import apply_chat_template, load_tokenizer
 
     tokenizer = load_tokenizer(model_dirs[0])
-    encoder = PieceEncoder(tokenizer, tokenizer, language="en", pad_id=0, **PIECE_WIDTHS)
+    encoder = PieceEncoder(tokenizer, tokenizer, language="en", pad_id=0, vocab_size=len(tokenizer),
+                           grm_vocab_size=len(tokenizer), **PIECE_WIDTHS)
     stream = PromptStream(smoke_config(model_dirs[0]).data)
     examples = stream.take(0, 2)
     # No final punctuation: "." + "\n" would merge into one token across the piece boundary.

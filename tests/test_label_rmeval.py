@@ -156,6 +156,66 @@ def test_rm_eval_with_python_grm_judge_matches_independent_count(judges, tmp_pat
     assert f"| overall | 36 | {100 * overall['accuracy']:.1f}% |" in table
 
 
+def test_rm_eval_names_the_absent_category_above_the_table(judges, tmp_path, capsys):
+    out = tmp_path / "eval"
+    cli.main(["rm-eval", "--data", SAMPLE, "--rm-type", "grm", "--judge", "python",
+              "--judge-fn", "fake_judges:longer", "--out", str(out)])
+    metrics = json.loads((out / "rm_eval.json").read_text())
+    assert len(metrics["notes"]) == 1 and "no 'specific' pair files" in metrics["notes"][0]
+    table = (out / "rm_eval.md").read_text()
+    assert table.index("no 'specific' pair files") < table.index("| group |")
+    assert "no 'specific' pair files" in capsys.readouterr().out
+
+
+def _sample_copy(root, empty_tier="hard"):
+    """The sample's release layout (persona files copied) with one tier file emptied."""
+    import os
+    import shutil
+
+    shutil.copytree(f"{SAMPLE}/persona_all", root / "persona_all")
+    (root / "rm_benchmark_all").mkdir()
+    for tier in ("easy", "mid", "hard"):
+        name = f"general_{tier}.jsonl"
+        if tier == empty_tier:
+            (root / "rm_benchmark_all" / name).write_text("")
+        else:
+            shutil.copy(os.path.join(SAMPLE, "rm_benchmark_all", name), root / "rm_benchmark_all" / name)
+    return str(root)
+
+
+def test_rm_eval_empty_tier_file_exits_2_unless_allowed(judges, tmp_path, capsys):
+    data = _sample_copy(tmp_path / "pf")
+    args = ["rm-eval", "--data", data, "--rm-type", "grm", "--judge", "python", "--judge-fn", "fake_judges:longer"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args + ["--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "general/hard: rm_benchmark_all/general_hard.jsonl is empty (found for general: " in err
+    assert judges.SEEN == [] and not (tmp_path / "eval").exists()
+
+    cli.main(args + ["--out", str(tmp_path / "eval"), "--tiers", "easy, mid"])
+    assert json.loads((tmp_path / "eval" / "rm_eval.json").read_text())["accuracy"]["overall"]["n"] == 24
+
+    cli.main(args + ["--out", str(tmp_path / "allowed"), "--allow-missing"])
+    metrics = json.loads((tmp_path / "allowed" / "rm_eval.json").read_text())
+    assert metrics["accuracy"]["overall"]["n"] == 24 and "hard" not in metrics["accuracy"]
+    warning = [n for n in metrics["notes"] if n.startswith("warning:")]
+    assert len(warning) == 1 and "general/hard" in warning[0]
+    assert warning[0] in (tmp_path / "allowed" / "rm_eval.md").read_text()
+    assert warning[0] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tiers", "easy,extreme"], "unknown tier 'extreme'; known: easy, medium (or mid), hard"),
+    (["--categories", "specific"], "category 'specific' was asked for but has no pair files"),
+])
+def test_rm_eval_data_selection_errors_exit_2(judges, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["rm-eval", "--data", SAMPLE, "--rm-type", "grm", "--judge", "python",
+                  "--judge-fn", "fake_judges:longer", "--out", str(tmp_path), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_rm_eval_repeat_reports_judge_stability(judges, tmp_path):
     judges.PAIRS[0] = 36
     out = tmp_path / "eval"

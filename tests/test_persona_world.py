@@ -8,7 +8,7 @@ import pytest
 
 from cpe_jax.data import persona_world as pw
 from cpe_jax.data import prompts
-from cpe_jax.data.personafeedback import format_persona
+from cpe_jax.data.prompts import format_persona
 from cpe_jax.errors import UserError
 
 

@@ -5,7 +5,8 @@ import re
 import pytest
 
 from cpe_jax.data import prompts
-from cpe_jax.data.personafeedback import format_persona, load_rl_prompts
+from cpe_jax.data.personafeedback import load_rl_prompts
+from cpe_jax.data.prompts import format_persona
 from cpe_jax.errors import UserError
 from tests.helpers import SHARED_SAMPLE
 

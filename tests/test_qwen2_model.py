@@ -53,7 +53,10 @@ def test_cached_decoding_matches_full_forward(pair):
     logits, cache = model(jnp.asarray(tokens[:, :prompt_len]), positions[:, :prompt_len], cache, slot_mask)
     steps = [logits]
     for t in range(prompt_len, 10):
-        logits, cache = model(jnp.asarray(tokens[:, t:t + 1]), positions[:, t:t + 1], cache, slot_mask)
+        # A decoding step sees what its mask allows: the slots written so far and its own (as in
+        # transformers, whose attention mask covers the past and the current token).
+        written = slot_mask & (jnp.arange(12) <= t)[None, :]
+        logits, cache = model(jnp.asarray(tokens[:, t:t + 1]), positions[:, t:t + 1], cache, written)
         steps.append(logits)
     assert int(cache["end"]) == 10
     got = np.concatenate([np.asarray(s) for s in steps], axis=1)

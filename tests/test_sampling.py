@@ -12,10 +12,10 @@ from scipy import stats
 import cpe_jax
 from cpe_jax import cli
 from cpe_jax.errors import UserError
+from cpe_jax.engine import bucket_size
 from cpe_jax.sampling import (
     Sampler,
     SamplingParams,
-    bucket_size,
     process_logits,
     row_keys,
     sample_tokens,
@@ -210,12 +210,13 @@ def sampler_model(model_dir, mesh=None):
 def test_n_samples_per_prompt_are_prompt_major_and_reuse_compiled_code(sampler, caplog):
     prompts = _prompts([5, 9, 12], seed=1)
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=11, n=2, ignore_eos=True)
-    with caplog.at_level(logging.INFO, logger="cpe_jax.sampling"):
+    with caplog.at_level(logging.INFO, logger="cpe_jax.engine"):
         outs = sampler.generate(prompts, params)
     assert [(o.prompt_index, o.index) for o in outs] == [(i, j) for i in range(3) for j in range(2)]
     assert all(o.prompt_token_ids == prompts[o.prompt_index] for o in outs)
     assert outs[0].token_ids != outs[1].token_ids  # independent samples of one prompt
-    assert "compiling sampler for batch=8 prompt_len=16" in caplog.text
+    # One prefill per prompt (3 prompts in a bucket of 4), copied to its 2 samples (6 rows -> 8).
+    assert "compiling engine admission: 4 prompts x 16 tokens into 8 rows" in caplog.text
 
     # Same buckets (6 rows -> 8, lengths <= 16), other prompts in the batch: no new compile, and
     # the untouched prompts get exactly the same samples (per-row keys).
@@ -228,10 +229,10 @@ def test_n_samples_per_prompt_are_prompt_major_and_reuse_compiled_code(sampler, 
         np.testing.assert_allclose(again[r].logprobs, outs[r].logprobs, atol=1e-5)
     assert again[2].token_ids != outs[2].token_ids
 
-    # A longer prompt falls in a new bucket: exactly one more compile.
+    # A longer prompt falls in a new bucket: one more admission and one more decode program.
     sampler.generate([_prompts([20])[0]], SamplingParams(max_tokens=8, temperature=1.0, seed=11,
                                                          n=2, ignore_eos=True))
-    assert sampler.compile_count == compiles + 1
+    assert sampler.compile_count == compiles + 2
 
 
 def test_prompt_errors(sampler):

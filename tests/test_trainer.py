@@ -149,7 +149,8 @@ def _pad_batch(batch, prompt_extra, response_extra):
     out = dict(batch)
     for name in ("prompt_tokens", "prompt_mask"):
         out[name] = np.pad(batch[name], ((0, 0), (prompt_extra, 0)))
-    for name in ("orig_tokens", "orig_mask", "edit_tokens", "edit_mask", "edit_sampler_logprobs"):
+    for name in ("orig_tokens", "orig_mask", "orig_sampler_logprobs", "edit_tokens", "edit_mask",
+                 "edit_sampler_logprobs"):
         out[name] = np.pad(batch[name], ((0, 0), (0, response_extra)))
     return out
 

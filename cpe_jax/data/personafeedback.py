@@ -1,4 +1,4 @@
-"""PersonaFeedback pairs, RL prompts and the evaluation questions, read from local files.
+"""PersonaFeedback pairs, RL prompts and the evaluation questions, read from the released files.
 
 Two layouts of PersonaFeedback exist and both are read by `load_pairs`:
 
@@ -10,15 +10,19 @@ Two layouts of PersonaFeedback exist and both are read by `load_pairs`:
   (1-based, counting every line) is user i, unless the line carries a `user_id` field, which wins.
 
 Rows are read with the json module rather than `datasets` so every error can name its file and line:
-a broken row is a UserError, never a silently dropped example.
+a broken row is a UserError, never a silently dropped example. Whole files are not dropped either:
+`find_pair_files` insists on every tier of a category that has files (see there).
 """
 
 import dataclasses
 import json
+import logging
 import os
 
 from cpe_jax.data.jsonl import read_jsonl
 from cpe_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 CATEGORIES = ("general", "specific")
 TIERS = ("easy", "medium", "hard")
@@ -62,6 +66,7 @@ class EvalExample:
     source: str  # "file:line"
     tier: str | None = None
     category: str | None = None
+    id: str | int | None = None  # aligns a responses file by id when both files have one
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,16 +74,17 @@ class EvalExample:
 
 
 def _read_json_file(path):
+    from cpe_jax.data.jsonl import decode_text, open_binary
+
+    with open_binary(path) as f:
+        text = decode_text(f.read(), path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise UserError(f"{path}:{e.lineno}: bad JSON: {e.msg} (column {e.colno})") from None
 
 
-def _field(row, name, types, where):
+def require_field(row, name, types, where):
     """row[name], checked to be one of `types`; `where` is the "file:line" prefix of errors."""
     if name not in row:
         raise UserError(f"{where}: missing field {name!r}")
@@ -95,6 +101,11 @@ def _check_persona(persona, where):
     return persona
 
 
+def _known_names(allowed, aliases):
+    """"easy, medium (or mid), hard": the names a user may type."""
+    return ", ".join(n + "".join(f" (or {a})" for a, v in aliases.items() if v == n) for n in allowed)
+
+
 def _normalized(values, allowed, aliases, what):
     if isinstance(values, str):
         values = (values,)
@@ -102,8 +113,11 @@ def _normalized(values, allowed, aliases, what):
     for v in values:
         v = aliases.get(v, v)
         if v not in allowed:
-            raise UserError(f"unknown {what} {v!r}; expected some of {allowed}")
-        out.append(v)
+            raise UserError(f"unknown {what} {v!r}; known: {_known_names(allowed, aliases)}")
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise UserError(f"no {what} given; known: {_known_names(allowed, aliases)}")
     return tuple(out)
 
 
@@ -125,20 +139,105 @@ def detect_layout(root):
     )
 
 
-def _pair_files(root, layout, categories, tiers):
-    """(category, tier, relative path) of every pair file that exists."""
-    found = []
+def _tier_candidates(layout, category, tier):
+    """Relative paths the file of one (category, tier) may have, in order of preference."""
+    if layout == "release":
+        return [os.path.join(_RELEASE_DIR, f"{category}_{_RELEASE_TIER_NAMES[tier]}.jsonl")]
+    return [os.path.join("data", d, f"{tier}.jsonl") for d in _HF_CATEGORY_DIRS[category]]
+
+
+def _has_rows(path):
+    """Whether `path` has a line that is not blank (a zero-byte or all-blank file has no pairs)."""
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
+def _found_listing(root, layout, category):
+    """What is there instead: the .jsonl files of the category's directory, empty ones marked."""
+    dirs = [_RELEASE_DIR] if layout == "release" else [os.path.join("data", d) for d in _HF_CATEGORY_DIRS[category]]
+    names = []
+    for d in dirs:
+        full = os.path.join(root, d)
+        if not os.path.isdir(full):
+            continue
+        for name in sorted(os.listdir(full)):
+            if layout == "release" and not name.startswith(f"{category}_"):
+                continue
+            path = os.path.join(full, name)
+            if name.endswith(".jsonl") and os.path.isfile(path):
+                names.append(os.path.join(d, name) + ("" if _has_rows(path) else " (empty)"))
+    return ", ".join(names) or "nothing"
+
+
+@dataclasses.dataclass(frozen=True)
+class PairFiles:
+    """The pair files of a PersonaFeedback directory that `read_pairs` reads, and what to say about
+    the rest: `notes` are lines to print above a table (a category absent and not asked for, and
+    with `allow_missing` the missing or empty tier files)."""
+
+    root: str
+    layout: str  # "release" | "hf"
+    files: tuple  # (category, tier, path relative to root)
+    notes: tuple  # strings
+
+
+def find_pair_files(root, *, categories=None, tiers=None, allow_missing=False):
+    """The pair files under `root` (either layout), checked to be complete.
+
+    Within a category that has files, every tier of `tiers` (default all three) must have a
+    non-empty file; a missing or empty one is a UserError naming it and what was found instead.
+    A category in `categories` without any file is an error too; with `categories` left at None,
+    an absent category is only named in `notes` (the paper's release has no `specific` files).
+    `allow_missing` turns those errors into notes starting with "warning:".
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise UserError(f"PersonaFeedback directory does not exist: {root}")
+    requested = categories is not None
+    categories = _normalized(CATEGORIES if categories is None else categories, CATEGORIES, _CATEGORY_ALIASES,
+                             "category")
+    tiers = _normalized(TIERS if tiers is None else tiers, TIERS, _TIER_ALIASES, "tier")
+    layout = detect_layout(root)
+    files, notes, problems, found_here = [], [], [], []
     for category in categories:
-        for tier in tiers:
-            if layout == "release":
-                candidates = [os.path.join(_RELEASE_DIR, f"{category}_{_RELEASE_TIER_NAMES[tier]}.jsonl")]
-            else:
-                candidates = [os.path.join("data", d, f"{tier}.jsonl") for d in _HF_CATEGORY_DIRS[category]]
-            for rel in candidates:
+        present = {}
+        for tier in TIERS:
+            for rel in _tier_candidates(layout, category, tier):
                 if os.path.isfile(os.path.join(root, rel)):
-                    found.append((category, tier, rel))
+                    present[tier] = rel
                     break
-    return found
+        if not present:
+            looked = ", ".join(_tier_candidates(layout, category, t)[0] for t in tiers)
+            if requested:
+                problems.append(f"category {category!r} was asked for but has no pair files (looked for {looked})")
+            else:
+                notes.append(f"no {category!r} pair files under {root} (looked for {looked}); "
+                             f"the table has no {category} rows")
+            continue
+        gaps = []
+        for tier in tiers:
+            rel = present.get(tier)
+            if rel is None:
+                gaps.append(f"{category}/{tier}: no {_tier_candidates(layout, category, tier)[0]}")
+            elif not _has_rows(os.path.join(root, rel)):
+                gaps.append(f"{category}/{tier}: {rel} is empty")
+            else:
+                files.append((category, tier, rel))
+        if gaps:
+            problems += gaps
+            found_here.append(f"found for {category}: {_found_listing(root, layout, category)}")
+    if problems and not allow_missing:
+        raise UserError(
+            f"PersonaFeedback under {root} is incomplete: " + "; ".join(problems)
+            + (f" ({'; '.join(found_here)})" if found_here else "") + ". Read fewer with --tiers / --categories, or go on without them with --allow-missing"
+        )
+    notes += [f"warning: {p}; the table has no row for it" for p in problems]
+    if not files:
+        raise UserError(
+            f"no PersonaFeedback pair files for categories {categories} and tiers {tiers} "
+            f"under {root} ({layout} layout)" + (": " + "; ".join(problems) if problems else "")
+        )
+    return PairFiles(root=root, layout=layout, files=tuple(files), notes=tuple(notes))
 
 
 class _ReleasePersonas:
@@ -194,23 +293,25 @@ def _user_number(user_id, where):
     raise UserError(f"{where}: field 'user_id' must be an integer, got {user_id!r}")
 
 
-def load_pairs(root, *, categories=CATEGORIES, tiers=TIERS):
-    """All preference pairs under `root` (either layout), in file order; missing tier files are skipped."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise UserError(f"PersonaFeedback directory does not exist: {root}")
-    categories = _normalized(categories, CATEGORIES, _CATEGORY_ALIASES, "category")
-    tiers = _normalized(tiers, TIERS, _TIER_ALIASES, "tier")
-    layout = detect_layout(root)
-    files = _pair_files(root, layout, categories, tiers)
-    if not files:
-        raise UserError(
-            f"no PersonaFeedback pair files for categories {categories} and tiers {tiers} "
-            f"under {root} ({layout} layout)"
-        )
-    persona_of = _ReleasePersonas(root) if layout == "release" else _HFPersonas(root)
+def load_pairs(root, *, categories=None, tiers=None, allow_missing=False):
+    """All preference pairs under `root` (either layout), in file order.
+
+    The files are those of `find_pair_files` (see there for which missing files are errors); its
+    notes are logged as warnings. To print them next to a table, call `find_pair_files` and
+    `read_pairs` yourself.
+    """
+    found = find_pair_files(root, categories=categories, tiers=tiers, allow_missing=allow_missing)
+    for note in found.notes:
+        log.warning("%s", note)
+    return read_pairs(found)
+
+
+def read_pairs(found):
+    """The preference pairs of the files in `found` (a `PairFiles`), in file order."""
+    root = found.root
+    persona_of = _ReleasePersonas(root) if found.layout == "release" else _HFPersonas(root)
     pairs = []
-    for category, tier, rel in files:
+    for category, tier, rel in found.files:
         path = os.path.join(root, rel)
         for lineno, row in read_jsonl(path):
             where = f"{path}:{lineno}"
@@ -221,9 +322,9 @@ def load_pairs(root, *, categories=CATEGORIES, tiers=TIERS):
                 PreferencePair(
                     user_id=user_id,
                     persona=persona,
-                    question=_field(row, "question", str, where),
-                    chosen=_field(row, "chosen", str, where),
-                    rejected=_field(row, "reject", str, where),
+                    question=require_field(row, "question", str, where),
+                    chosen=require_field(row, "chosen", str, where),
+                    rejected=require_field(row, "reject", str, where),
                     tier=tier,
                     category=category,
                     source=f"{rel}:{lineno}",
@@ -237,101 +338,175 @@ def load_pairs(root, *, categories=CATEGORIES, tiers=TIERS):
 
 
 def load_rl_prompts(path):
-    """Rows of a verl-layout parquet as dicts, every column kept.
+    """Rows of a verl-layout parquet (local or gs://...) as dicts, every column kept.
 
-    `prompt` is checked to be a non-empty list of chat messages; errors count rows from 0, as pandas.
+    `prompt` is checked to be a non-empty list of chat messages; errors count rows from 0, as
+    pandas. A file without rows is an error: training on nothing is never what was meant.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"RL prompt file does not exist: {path}")
+    from cpe_jax.data.jsonl import open_binary
+    from cpe_jax.errors import require_path
+
+    path = require_path(path, "RL prompt file")
     try:
-        rows = pq.read_table(path).to_pylist()
+        with open_binary(path, "RL prompt file") as f:
+            rows = pq.read_table(f).to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable parquet file: {e}") from None
+    if not rows:
+        raise UserError(f"{path}: the parquet file has no rows")
     for i, row in enumerate(rows):
         where = f"{path}: row {i}"
-        messages = _field(row, "prompt", list, where)
+        messages = require_field(row, "prompt", list, where)
         if not messages:
             raise UserError(f"{where}: field 'prompt' is an empty message list")
         for j, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise UserError(f"{where}: prompt[{j}] must be a chat message, got {message!r:.60}")
             for key in ("role", "content"):
-                _field(message, key, str, f"{where}: prompt[{j}]")
+                require_field(message, key, str, f"{where}: prompt[{j}]")
     return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class RLPrompt:
+    """One RL prompt: what the policy is asked (`messages`) and what the GRM and the edit step need."""
+
+    persona: dict | str  # a JSON object, or text used as it is
+    question: str
+    messages: list  # the chat the policy answers
+    reference: str | None  # a reference answer (verl's reward_model.ground_truth), when the file has one
+    id: object  # extra_info.index / the row's `id`; else the row number
+    source: str  # "file: row i" (parquet) or "file:line" (JSONL)
+
+
+def load_prompt_set(path, language="en"):
+    """The RL prompts of `path`: a verl-layout parquet (`.parquet`) or JSONL rows, local or gs://.
+
+    JSONL rows are `{persona, question[, messages][, reference][, id]}`; without `messages` the
+    policy prompt is `prompts.policy_messages` in `language`. Parquet rows keep their `prompt`
+    as the policy's chat; persona and question come from explicit `persona` / `question` columns
+    when present, otherwise from the last user turn, read back through the policy template it was
+    made with (`prompts.POLICY_TEMPLATES`: both variants of the paper's release and ours). A row
+    that yields no persona or question is a UserError naming the row and what is missing.
+    """
+    from cpe_jax.errors import require_path
+
+    path = require_path(path, "data.path")
+    if path.endswith(".parquet"):
+        prompts = [_parquet_prompt(row, i, path) for i, row in enumerate(load_rl_prompts(path))]
+    else:
+        prompts = [_jsonl_prompt(row, lineno, path, language) for lineno, row in read_jsonl(path, "data.path")]
+    if not prompts:
+        raise UserError(f"data.path {path} has no prompts")
+    return prompts
+
+
+def _jsonl_prompt(row, lineno, path, language):
+    from cpe_jax.data.prompts import policy_messages
+
+    where = f"{path}:{lineno}"
+    persona = require_field(row, "persona", (dict, str), where)
+    question = require_field(row, "question", str, where)
+    messages = row.get("messages") or policy_messages(persona, question, language)
+    reference = require_field(row, "reference", str, where) if row.get("reference") is not None else None
+    return RLPrompt(persona=persona, question=question, messages=messages, reference=reference,
+                    id=row.get("id", lineno), source=where)
+
+
+def _parquet_prompt(row, index, path):
+    from cpe_jax.data.prompts import parse_policy_prompt
+
+    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    row_id = extra.get("index", row.get("id"))
+    where = f"{path}: row {index}" + (f" (extra_info.index {row_id})" if "index" in extra else "")
+    fields = {name: row.get(name) for name in ("persona", "question") if row.get(name) is not None}
+    if len(fields) < 2:
+        users = [m["content"] for m in row["prompt"] if m["role"] == "user"]
+        try:
+            if not users:
+                raise ValueError("the prompt has no user turn")
+            _, persona_text, question = parse_policy_prompt(users[-1])
+        except ValueError as e:
+            absent = " and ".join(repr(n) for n in ("persona", "question") if n not in fields)
+            raise UserError(f"{where}: cannot recover {absent}: {e}; add {absent} column(s) to the file") from None
+        fields.setdefault("persona", persona_text)
+        fields.setdefault("question", question.strip())
+    persona = fields["persona"]
+    if isinstance(persona, str):
+        parsed = _persona_object(persona)
+        persona = persona.strip() if parsed is None else parsed
+    elif not isinstance(persona, dict):
+        raise UserError(f"{where}: field 'persona' must be a JSON object or text, got {type(persona).__name__}")
+    if not isinstance(fields["question"], str):
+        raise UserError(f"{where}: field 'question' must be str, got {type(fields['question']).__name__}")
+    reward = row.get("reward_model") if isinstance(row.get("reward_model"), dict) else {}
+    reference = reward.get("ground_truth")
+    if reference is not None and not isinstance(reference, str):
+        raise UserError(f"{where}: reward_model.ground_truth must be text, got {type(reference).__name__}")
+    return RLPrompt(persona=persona, question=fields["question"], messages=row["prompt"], reference=reference,
+                    id=index if row_id is None else row_id, source=where)
+
+
+def _persona_object(text):
+    """`text` parsed as a JSON object, or None when it is not one (then the text is the persona)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def parse_persona(value, where):
+    """A persona field: a JSON object, or a string holding one; a UserError with the reason otherwise."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{where}: field 'persona' is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                "give a JSON object or a string holding one"
+            ) from None
+    return _check_persona(value, where)
+
+
 def load_eval_set(path):
-    """The evaluation questions `{question, persona, response}` (+ optional `tier`, `category`)."""
+    """The evaluation questions `{question, persona, response}` (+ optional `tier`, `category`, `id`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"evaluation file does not exist: {path}")
     examples = []
-    for lineno, row in read_jsonl(path):
+    for lineno, row in read_jsonl(path, "evaluation file"):
         where = f"{path}:{lineno}"
-        persona = _field(row, "persona", (str, dict), where)
-        if isinstance(persona, str):
-            try:
-                persona = json.loads(persona)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: field 'persona' is not valid JSON: {e.msg}") from None
         examples.append(
             EvalExample(
-                question=_field(row, "question", str, where),
-                persona=_check_persona(persona, where),
-                response=_field(row, "response", str, where),
+                question=require_field(row, "question", str, where),
+                persona=parse_persona(require_field(row, "persona", (str, dict), where), where),
+                response=require_field(row, "response", str, where),
                 source=f"{os.path.basename(path)}:{lineno}",
-                tier=_optional_label(row, "tier", _TIER_ALIASES, where),
-                category=_optional_label(row, "category", _CATEGORY_ALIASES, where),
+                tier=optional_label(row, "tier", where),
+                category=optional_label(row, "category", where),
+                id=require_field(row, "id", (str, int), where) if row.get("id") is not None else None,
             )
         )
+    if not examples:
+        raise UserError(f"evaluation file {path} has no rows")
     return examples
 
 
-def _optional_label(row, name, aliases, where):
-    """An optional string field such as `tier`, with the release's spellings mapped ("mid" -> "medium")."""
+_LABELS = {"tier": (TIERS, _TIER_ALIASES), "category": (CATEGORIES, _CATEGORY_ALIASES)}
+
+
+def optional_label(row, name, where):
+    """An optional `tier` or `category` field, the release's spellings mapped ("mid" -> "medium");
+    an unknown value is a UserError listing the known ones."""
     if row.get(name) is None:
         return None
-    value = _field(row, name, str, where)
-    return aliases.get(value, value)
-
-
-# ----------------------------------------------------------------------------------------------
-# Persona as readable text.
-
-
-def format_persona(persona):
-    """An indented outline of the persona JSON: `Key: value` lines, lists as `- item` bullets."""
-    lines = []
-
-    def walk(value, indent):
-        pad = "  " * indent
-        if isinstance(value, dict):
-            for key, item in value.items():
-                label = str(key).replace("_", " ")
-                if isinstance(item, (dict, list)) and item:
-                    lines.append(f"{pad}{label}:")
-                    walk(item, indent + 1)
-                else:
-                    lines.append(f"{pad}{label}: {_scalar(item)}")
-        elif isinstance(value, list):
-            for item in value:
-                if isinstance(item, (dict, list)) and item:
-                    lines.append(f"{pad}-")
-                    walk(item, indent + 1)
-                else:
-                    lines.append(f"{pad}- {_scalar(item)}")
-        else:
-            lines.append(f"{pad}{_scalar(value)}")
-
-    walk(persona, 0)
-    return "\n".join(lines)
-
-
-def _scalar(value):
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
+    value = require_field(row, name, str, where)
+    allowed, aliases = _LABELS[name]
+    value = aliases.get(value, value)
+    if value not in allowed:
+        raise UserError(f"{where}: unknown {name} {value!r}; known: {_known_names(allowed, aliases)}")
+    return value

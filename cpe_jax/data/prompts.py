@@ -44,8 +44,6 @@ def _persona_text(persona, style="text"):
         return persona
     if style == "json":  # the release's policy prompts embed the persona as indented JSON
         return json.dumps(persona, ensure_ascii=False, indent=2)
-    from cpe_jax.data.personafeedback import format_persona
-
     return format_persona(persona)
 
 
@@ -96,6 +94,64 @@ _POLICY_EN = (
     "The user's question:\n{question}\n\n"
     "Write one personalized answer:\n"
 )
+
+
+# The release's other policy template (most rows of RL_data/*.parquet): a fifth rule, a worked
+# example that differs per row, and the question on the line of its heading. Prompts are only
+# ever read in this layout (`parse_policy_prompt`), never written.
+_POLICY_ZH_WITH_EXAMPLE = (
+    _POLICY_ZH.split("4. 回答应该直接解决用户的问题，同时体现对用户偏好的了解\n")[0]
+    + "4. 回答应该直接解决用户的问题，同时体现对用户偏好的了解\n"
+    "5. 尽量结合相关字段来回答，但是回答不要显示把偏好显式写出来。\n\n"
+    "注意，输出的回答不要过长，不要提及太具体的字段信息！\n"
+    "注意，输出的回答要基于事实，不要强行和字段关联，要自然衔接，不要强行关联！\n\n"
+    "当前用户配置：\n{persona}\n\n"
+    "根据用户配置生成此问题的1个完全个性化AI助手回答。回答应反映对配置中定义的用户特征、偏好和习惯的理解。"
+    "需要结合多个字段信息来进行个性化的回答。\n\n"
+    "以下是一个输出的例子：\n"
+    "如果问题是\"{example_question}\"，则按照以下例子的格式输出：\n"
+    "<answer>\n{example_answer}\n</answer>\n\n\n"
+    "以下是用户问题：{question}\n\n"
+    "生成1个完全个性化回答：\n"
+)
+
+# Every policy template a prompt file may have been made with, by name.
+POLICY_TEMPLATES = {
+    "paper_zh": _POLICY_ZH,
+    "paper_zh_with_example": _POLICY_ZH_WITH_EXAMPLE,
+    "paper_en": _POLICY_EN,
+}
+# The headings in front of the persona and the question, to say which one a prompt lacks.
+_POLICY_HEADINGS = {"persona": ("当前用户配置：\n", "Current user profile:\n"),
+                    "question": ("以下是用户问题：", "The user's question:\n")}
+
+
+def _template_pattern(template):
+    """A regex matching `template` with each {field} captured (shortest match, across lines)."""
+    parts = re.split(r"\{(\w+)\}", template)
+    pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.*?)" for i, p in enumerate(parts))
+    return re.compile(pattern, re.DOTALL)
+
+
+_POLICY_PATTERNS = {name: _template_pattern(t) for name, t in POLICY_TEMPLATES.items()}
+
+
+def parse_policy_prompt(text):
+    """(template name, persona text, question) of a user turn made with one of `POLICY_TEMPLATES`.
+
+    Raises a ValueError saying what is missing (the persona, the question, or the template's
+    wording around them) when the text matches none; callers name the row.
+    """
+    for name, pattern in _POLICY_PATTERNS.items():
+        match = pattern.fullmatch(text)
+        if match:
+            return name, match.group("persona"), match.group("question")
+    missing = [field for field, headings in _POLICY_HEADINGS.items() if not any(h in text for h in headings)]
+    if missing:
+        raise ValueError(f"no {' and no '.join(missing)} in the prompt (none of the headings "
+                         + ", ".join(repr(h.strip()) for f in missing for h in _POLICY_HEADINGS[f]) + ")")
+    raise ValueError("the prompt has a persona and a question heading but its wording matches none of the "
+                     f"known policy templates ({', '.join(POLICY_TEMPLATES)})")
 
 
 def policy_messages(persona, question, language="en"):
@@ -291,3 +347,37 @@ def pairwise_judge_messages(persona, question, response_a, response_b, language=
         ]
     )
     return _messages(system, user)
+
+
+def format_persona(persona):
+    """An indented outline of the persona JSON: `Key: value` lines, lists as `- item` bullets."""
+    lines = []
+
+    def walk(value, indent):
+        pad = "  " * indent
+        if isinstance(value, dict):
+            for key, item in value.items():
+                label = str(key).replace("_", " ")
+                if isinstance(item, (dict, list)) and item:
+                    lines.append(f"{pad}{label}:")
+                    walk(item, indent + 1)
+                else:
+                    lines.append(f"{pad}{label}: {_scalar(item)}")
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, (dict, list)) and item:
+                    lines.append(f"{pad}-")
+                    walk(item, indent + 1)
+                else:
+                    lines.append(f"{pad}- {_scalar(item)}")
+        else:
+            lines.append(f"{pad}{_scalar(value)}")
+
+    walk(persona, 0)
+    return "\n".join(lines)
+
+
+def _scalar(value):
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)

@@ -51,21 +51,35 @@ def _by(rows, field, known_order):
     }
 
 
+_GROUPINGS = (("tier", _TIER_ORDER), ("category", _CATEGORY_ORDER))
+
+
 def summarize(rows):
     """Metrics overall and per `tier` and `category` from rows with preference and lengths.
 
     Returns `{"overall": {...}, "by_tier": {tier: {...}}, "by_category": {category: {...}}}`;
     each entry is `lc_win_rate`'s dict (rates in percent). Groups too small for the
-    length-controlled GLM get the raw rate and `lc_win_rate: None`.
+    length-controlled GLM get the raw rate and `lc_win_rate: None`. When no row has a tier (or
+    category) label, `by_tier` is None and `by_tier_reason` says why; when only some rows lack
+    one, `by_tier_unlabelled` counts them (they are in no tier's row).
     """
     rows = list(rows)
     if not rows:
         raise UserError("no annotation rows to summarize")
-    return {
-        "overall": _group_metrics(rows),
-        "by_tier": _by(rows, "tier", _TIER_ORDER),
-        "by_category": _by(rows, "category", _CATEGORY_ORDER),
-    }
+    out = {"overall": _group_metrics(rows)}
+    for field, order in _GROUPINGS:
+        unlabelled = sum(1 for row in rows if row.get(field) is None)
+        if unlabelled == len(rows):
+            out[f"by_{field}"] = None
+            out[f"by_{field}_reason"] = (
+                f"the evaluation set has no {field} labels: give its rows a `{field}` field, or pass "
+                f"`cpe-jax eval --labels FILE` with rows {{persona, question, tier, category}}"
+            )
+            continue
+        out[f"by_{field}"] = _by(rows, field, order)
+        if unlabelled:
+            out[f"by_{field}_unlabelled"] = unlabelled
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,14 +110,28 @@ def _table(metrics):
     return "\n".join(lines)
 
 
+def grouping_notes(metrics):
+    """Sentences on what the per-tier and per-category rows leave out (none when they cover all)."""
+    notes = []
+    for field, _ in _GROUPINGS:
+        if metrics.get(f"by_{field}_reason"):
+            notes.append(f"No per-{field} rows: {metrics[f'by_{field}_reason']}.")
+        elif metrics.get(f"by_{field}_unlabelled"):
+            notes.append(f"{metrics[f'by_{field}_unlabelled']} of {metrics['overall']['n']} rows have no "
+                         f"{field} label and are in no {field} row.")
+    return notes
+
+
 def _markdown(metrics):
-    run = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    grouping = {f"by_{f}{suffix}" for f, _ in _GROUPINGS for suffix in ("", "_reason", "_unlabelled")}
+    run = {k: v for k, v in metrics.items() if not isinstance(v, dict) and k not in grouping}
     parts = [
         "# Win rate against the baseline",
         "Rates in percent ± standard error. LC: AlpacaEval's length-controlled win rate "
         "(GLM on tanh of the standardized length difference, predicted at equal length); "
         f"\"–\" where a group has fewer than {MIN_ROWS_FOR_LC} rows. Lengths in characters.",
         _table(metrics),
+        *grouping_notes(metrics),
     ]
     if run:
         parts.append("## Run\n\n" + "\n".join(f"- {k}: {v}" for k, v in run.items()))

@@ -63,45 +63,135 @@ def _as_dict(example, index):
         "source": example.get("source") or f"example {index}",
         "tier": example.get("tier"),
         "category": example.get("category"),
+        "id": example.get("id"),
     }
 
 
-def read_responses(path, examples, what="responses file"):
-    """The `response` of every row of a JSONL file, aligned with `examples`.
+def _persona_key(persona):
+    """A persona (object, or a string holding one) as canonical JSON, so equal personas compare equal."""
+    if isinstance(persona, str):
+        try:
+            persona = json.loads(persona)
+        except json.JSONDecodeError:
+            return persona
+    return json.dumps(persona, sort_keys=True, ensure_ascii=False)
 
-    Rows align by line when the file has one row per example (and any `question` fields agree);
-    otherwise by their `question` field, which must then be on every row.
+
+def _describe(example):
+    return f"{example['source']}: {example['question'][:60]!r}"
+
+
+def align_rows(examples, rows, path):
+    """For each example, the index in `rows` ((line, dict) pairs of `path`) of the row that belongs
+    to it, and how they were aligned (a phrase for the log).
+
+    By `id` when every example and every row has one; else by `(persona, question)` (by
+    `question` alone when the rows carry no persona and no question repeats among the examples),
+    an exact duplicate pair matched in order; by line only when neither key is on the rows and the
+    files have the same length. Every example must find a row and every row an example.
     """
+    examples = [_as_dict(ex, i) for i, ex in enumerate(examples)]
+    if examples and all(ex.get("id") is not None for ex in examples) and all("id" in r for _, r in rows):
+        method, example_keys = "id", [str(ex["id"]) for ex in examples]
+        row_keys = [str(r["id"]) for _, r in rows]
+    elif rows and all(isinstance(r.get("question"), str) and "persona" in r for _, r in rows):
+        method = "persona and question"
+        example_keys = [(_persona_key(ex["persona"]), ex["question"]) for ex in examples]
+        row_keys = [(_persona_key(r["persona"]), r["question"]) for _, r in rows]
+    elif rows and all(isinstance(r.get("question"), str) for _, r in rows):
+        method, example_keys = "question", [ex["question"] for ex in examples]
+        row_keys = [r["question"] for _, r in rows]
+        personas = {}
+        for ex in examples:
+            if personas.setdefault(ex["question"], _persona_key(ex["persona"])) != _persona_key(ex["persona"]):
+                raise UserError(
+                    f"{path}: rows have no 'persona' field and the evaluation set asks {_describe(ex)} of "
+                    "several personas; add 'persona' (or 'id') fields to align them"
+                )
+    else:
+        if len(rows) != len(examples):
+            raise UserError(
+                f"{path}: {len(rows)} rows for {len(examples)} evaluation questions, and the rows have no "
+                "'id', 'persona' or 'question' fields to align them by"
+            )
+        return list(range(len(rows))), "by line (same length; the rows have no id, persona or question fields)"
+    pending = {}
+    for i, key in enumerate(row_keys):
+        pending.setdefault(key, []).append(i)
+    order, missing = [], []
+    for j, key in enumerate(example_keys):
+        queue = pending.get(key)
+        if queue:
+            order.append(queue.pop(0))
+        else:
+            missing.append(j)
+    if missing:
+        raise UserError(
+            f"{path}: no row for {len(missing)} of {len(examples)} evaluation questions (aligned by {method}), "
+            f"the first {_describe(examples[missing[0]])}"
+        )
+    unused = sorted(i for queue in pending.values() for i in queue)
+    if unused:
+        raise UserError(
+            f"{path}:{rows[unused[0]][0]}: {len(unused)} rows match no evaluation question (aligned by "
+            f"{method}; an exact duplicate needs a duplicate in the evaluation set too)"
+        )
+    if order == list(range(len(rows))):
+        return order, f"by line (same length and order, checked by {method})"
+    return order, f"by {method}"
+
+
+def read_responses(path, examples, what="responses file"):
+    """The `response` of every row of a JSONL file, aligned with `examples` by `align_rows`."""
     from cpe_jax.data.jsonl import read_jsonl
-    from cpe_jax.data.personafeedback import _field
+    from cpe_jax.data.personafeedback import require_field
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{what} does not exist: {path}")
-    rows = [(lineno, row) for lineno, row in read_jsonl(path, "responses file")]
-    texts = [_field(row, "response", str, f"{path}:{lineno}") for lineno, row in rows]
-    questions = [row.get("question") for _, row in rows]
-    examples = [_as_dict(ex, i) for i, ex in enumerate(examples)]
-    if len(rows) == len(examples) and all(q is None or q == ex["question"] for q, ex in zip(questions, examples)):
-        return texts
-    if not rows or any(not isinstance(q, str) for q in questions):
-        raise UserError(
-            f"{path}: {len(rows)} rows for {len(examples)} evaluation questions, and not every row "
-            "has a 'question' field to align them by"
-        )
-    by_question = {}
-    for (lineno, _), question, text in zip(rows, questions, texts):
-        if by_question.get(question, text) != text:
-            raise UserError(f"{path}:{lineno}: question repeated with another response, cannot align by question")
-        by_question[question] = text
-    missing = [i for i, ex in enumerate(examples) if ex["question"] not in by_question]
-    if missing:
-        first = examples[missing[0]]
-        raise UserError(
-            f"{path}: no response for {len(missing)} evaluation question(s), the first from "
-            f"{first['source']}: {first['question'][:60]!r}"
-        )
-    return [by_question[ex["question"]] for ex in examples]
+    rows = list(read_jsonl(path, what))
+    if not rows:
+        raise UserError(f"{what} {path} has no rows")
+    texts = [require_field(row, "response", str, f"{path}:{lineno}") for lineno, row in rows]
+    order, method = align_rows(examples, rows, path)
+    log.info("%s: %d responses aligned to the evaluation set %s", path, len(order), method)
+    return [texts[i] for i in order]
+
+
+def apply_labels(examples, path):
+    """`examples` with `tier` / `category` from a JSONL file of rows {persona, question, tier,
+    category} (or {id, tier, category}), aligned by `align_rows`. A label that contradicts one the
+    evaluation set already has is an error."""
+    from cpe_jax.data.jsonl import read_jsonl
+    from cpe_jax.data.personafeedback import optional_label
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"labels file does not exist: {path}")
+    rows = list(read_jsonl(path, "labels file"))
+    if not rows:
+        raise UserError(f"labels file {path} has no rows")
+    labels = []
+    for lineno, row in rows:
+        where = f"{path}:{lineno}"
+        found = {name: optional_label(row, name, where) for name in ("tier", "category")}
+        if all(v is None for v in found.values()):
+            raise UserError(f"{where}: a label row needs a 'tier' or a 'category' field")
+        labels.append(found)
+    order, method = align_rows(examples, rows, path)
+    log.info("%s: labels aligned to the evaluation set %s", path, method)
+    out = []
+    for i, (ex, k) in enumerate(zip(examples, order)):
+        ex = _as_dict(ex, i)
+        for name, value in labels[k].items():
+            if value is None:
+                continue
+            if ex.get(name) not in (None, value):
+                raise UserError(f"{path}:{rows[k][0]}: {name} {value!r} contradicts {ex['source']}, "
+                                f"which says {ex[name]!r}")
+            ex[name] = value
+        out.append(ex)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,10 +200,20 @@ def read_responses(path, examples, what="responses file"):
 
 def _read_keyed_rows(path, keys):
     """{key: row} of a log written by this module; a torn last line (interrupted write) is dropped."""
+    from cpe_jax.data.jsonl import decode_text
+
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    with open(path, "rb") as f:
+        raw_lines = f.readlines()
+    lines = []
+    for lineno, raw in enumerate(raw_lines, start=1):
+        try:
+            lines.append(decode_text(raw, path, lineno))
+        except UserError:
+            if lineno < len(raw_lines) or raw.endswith(b"\n"):
+                raise
+            lines.append(raw.decode("utf-8", "replace"))  # cut inside a character: torn, dropped below
     rows = {}
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -162,7 +262,7 @@ def _check_run(out_dir, run, fresh):
         try:
             with open(path, encoding="utf-8") as f:
                 previous = json.load(f)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):  # damaged: compared as "other settings"
             previous = None
         if previous != run:
             fields = sorted(k for k in set(run) | set(previous or {}) if (previous or {}).get(k) != run.get(k))

@@ -69,12 +69,13 @@ class BTScorer:
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.language = language
+        self.vocab_size = model.config.vocab_size
         graphdef, self._state = nnx.split(model)
         self._scores = jax.jit(lambda state, tokens, mask: nnx.merge(graphdef, state).score(tokens, mask))
 
     def score_array(self, examples):
         from cpe_jax.reward.grm import _field
-        from cpe_jax.tokenizer import apply_chat_template
+        from cpe_jax.tokenizer import apply_chat_template, check_token_ids, pad_token_id
 
         def chat(i, example):
             persona, question, response = (_field(example, name, i) for name in ("persona", "question", "response"))
@@ -83,8 +84,9 @@ class BTScorer:
                 return list(prompt) + [{"role": "assistant", "content": response}]
             return example_messages(persona, question, response, self.language)
 
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        encoded = [apply_chat_template(self.tokenizer, chat(i, e), add_generation_prompt=False)[-self.max_length:]
+        pad_id = pad_token_id(self.tokenizer, self.vocab_size)
+        encoded = [check_token_ids(apply_chat_template(self.tokenizer, chat(i, e), add_generation_prompt=False),
+                                   self.vocab_size, f"scored example {i}")[-self.max_length:]
                    for i, e in enumerate(examples)]
         out = []
         for start in range(0, len(encoded), self.batch_size):

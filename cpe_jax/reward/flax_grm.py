@@ -69,14 +69,19 @@ def _encode(tokenizer, text):
     return ids
 
 
-def build_score_tables(tokenizer, language="en") -> ScoreTokenTables:
-    """The forced score-line tokens of `tokenizer` (labels are the same in English and Chinese)."""
+def build_score_tables(tokenizer, language="en", vocab_size=None) -> ScoreTokenTables:
+    """The forced score-line tokens of `tokenizer` (labels are the same in English and Chinese);
+    with `vocab_size`, each must be a token of the GRM model."""
     from cpe_jax.data.prompts import LANGUAGES
+    from cpe_jax.tokenizer import check_token_ids
 
     if language not in LANGUAGES:
         raise UserError(f"language must be one of {LANGUAGES}, got {language!r}")
     candidates = [_encode(tokenizer, f" {v}") for v in SCORE_VALUES]
     labels = [_encode(tokenizer, ("" if d == 0 else "\n") + f"{name}:") for d, name in enumerate(SCORE_LABELS)]
+    if vocab_size is not None:
+        for ids in candidates + labels:
+            check_token_ids(ids, vocab_size, f"the GRM score line {tokenizer.decode(ids)!r}")
     c = max(map(len, candidates))
     l = max(map(len, labels))
     cand_tokens = np.zeros((len(candidates), c), np.int32)
@@ -118,7 +123,6 @@ def expected_scores(graphdef, state, prefix_tokens, prefix_mask, tables: ScoreTo
     written into the continued prefix).
     """
     from cpe_jax.models.qwen2.model import init_cache, positions_from_mask
-    from cpe_jax.sampling import _lm_logits
 
     model = nnx.merge(graphdef, state)
     b, p = prefix_tokens.shape
@@ -143,7 +147,7 @@ def expected_scores(graphdef, state, prefix_tokens, prefix_mask, tables: ScoreTo
         _, cache, hidden = model(forced, _positions(n_valid, forced_mask), cache, cache_mask,
                                  return_hidden=True, skip_logits=True)
         n_valid = n_valid + jnp.sum(forced_mask, axis=1).astype(jnp.int32)
-        first_logits = _lm_logits(model, hidden[:, -1])  # the label always ends the forced block
+        first_logits = model.vocabulary_logits(hidden[:, -1])  # the label always ends the forced block
         candidate_logprobs = _token_logprobs(
             first_logits[:, None, :], jnp.broadcast_to(tables.candidate_tokens[:, 0], (b, k))
         )
@@ -238,7 +242,7 @@ class FlaxGRMJudge:
     def _first_tokens(self, prompts):
         """{token text: log-prob} of the 5 likeliest first reply tokens of every prompt."""
         from cpe_jax.models.qwen2.model import positions_from_mask
-        from cpe_jax.sampling import _lm_logits, bucket_size
+        from cpe_jax.engine import bucket_size
 
         graphdef = self.sampler.graphdef
         if self._first_token_top is None:
@@ -247,7 +251,7 @@ class FlaxGRMJudge:
                 model = nnx.merge(graphdef, state)
                 _, _, hidden = model(tokens, positions_from_mask(mask), None, mask, return_hidden=True,
                                      skip_logits=True)
-                logprobs = jax.nn.log_softmax(_lm_logits(model, hidden[:, -1]), axis=-1)
+                logprobs = jax.nn.log_softmax(model.vocabulary_logits(hidden[:, -1]), axis=-1)
                 return jax.lax.top_k(logprobs, _LOGPROB_CANDIDATES)
 
             self._first_token_top = jax.jit(top)
@@ -311,7 +315,7 @@ class FlaxGRMScorer:
         self.mesh = mesh
         self.judge = FlaxGRMJudge(model, tokenizer, mesh=mesh, max_tokens=max_tokens,
                                   max_batch_size=max_batch_size, seed=seed)
-        self.tables = build_score_tables(tokenizer, language)
+        self.tables = build_score_tables(tokenizer, language, model.config.vocab_size)
         graphdef = self.judge.sampler.graphdef
         self._expected = jax.jit(lambda state, tokens, mask, tables: expected_scores(graphdef, state, tokens, mask,
                                                                                       tables))
@@ -329,7 +333,7 @@ class FlaxGRMScorer:
         return dataclasses.replace(scored, critiques=self.critique(examples).critiques)
 
     def _score(self, examples, temperature) -> GRMBatchResult:
-        from cpe_jax.sampling import bucket_size
+        from cpe_jax.engine import bucket_size
 
         examples = list(examples)
         conversations = [

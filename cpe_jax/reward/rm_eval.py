@@ -125,10 +125,15 @@ def stability(scores):
     return out
 
 
-def evaluate(pairs, scores, out_dir, *, info=None):
-    """Write OUT/rm_eval.json, OUT/rm_eval.md and OUT/rm_eval_pairs.jsonl; return the metrics."""
+def evaluate(pairs, scores, out_dir, *, info=None, notes=()):
+    """Write OUT/rm_eval.json, OUT/rm_eval.md and OUT/rm_eval_pairs.jsonl; return the metrics.
+
+    `notes` (e.g. `PairFiles.notes`: categories or tier files the data lacks) go into the JSON as
+    `notes` and into the markdown above the table.
+    """
     chosen, rejected = scores["chosen"]["reward"][0], scores["rejected"]["reward"][0]
     metrics = dict(info or {})
+    metrics["notes"] = list(notes)
     metrics["accuracy"] = accuracy_table(pairs, chosen, rejected)
     metrics["stability"] = stability(scores)
     os.makedirs(out_dir, exist_ok=True)
@@ -162,6 +167,8 @@ def _number(x):
 def markdown(metrics):
     """The accuracy table (and the stability table when there are repeats) as markdown."""
     lines = [f"# Reward-model accuracy: {metrics.get('rm', '')}", ""]
+    if metrics.get("notes"):  # what the data lacks, above the table it shapes
+        lines += [*metrics["notes"], ""]
     lines += ["| group | n | accuracy | ties | invalid |", "|---|---:|---:|---:|---:|"]
     for name, row in metrics["accuracy"].items():
         lines.append(f"| {name} | {row['n']} | {100 * row['accuracy']:.1f}% | {row['ties']} | {row['invalid']} |")

@@ -43,9 +43,9 @@ from cpe_jax.errors import UserError
 from cpe_jax.reward.flax_grm import SCORES_OPENING, ScoreTokenTables, build_score_tables, expected_scores
 from cpe_jax.reward.grm import check_weights, combine_scores
 from cpe_jax.rl.edits import select_edits
-from cpe_jax.rl.rollout import left_pad
+from cpe_jax.rl.rollout import left_pad, prompt_row_name
 from cpe_jax.sampling import SampleConfig, sample
-from cpe_jax.tokenizer import apply_chat_template
+from cpe_jax.tokenizer import apply_chat_template, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ def fused_rollout(policy_graphdef, grm_graphdef, fs: FusedSettings, policy_state
 
     batch = dict(
         prompt_tokens=pieces["prompt_tokens"], prompt_mask=pieces["prompt_mask"],
-        orig_tokens=orig.tokens, orig_mask=orig.mask, orig_rewards=orig_scores["reward"].astype(jnp.float32),
+        orig_tokens=orig.tokens, orig_mask=orig.mask, orig_sampler_logprobs=orig.logprobs,
+        orig_rewards=orig_scores["reward"].astype(jnp.float32),
         orig_valid=jnp.ones((b,), bool),
         edit_prompt_tokens=jnp.full((b, fs.edit_prompt_length), pad, jnp.int32),
         edit_prompt_mask=jnp.zeros((b, fs.edit_prompt_length), bool),
@@ -280,8 +281,10 @@ class PieceEncoder:
     """
 
     def __init__(self, policy_tokenizer, grm_tokenizer, *, language, prompt_length, grm_prefix_length,
-                 edit_prefix_length, pad_id):
+                 edit_prefix_length, pad_id, vocab_size, grm_vocab_size, data_path=None):
         self.policy_tokenizer, self.grm_tokenizer = policy_tokenizer, grm_tokenizer
+        self.vocab_size, self.grm_vocab_size = int(vocab_size), int(grm_vocab_size)
+        self.data_path = data_path
         self.language = language
         self.prompt_length, self.grm_prefix_length = prompt_length, grm_prefix_length
         self.edit_prefix_length = edit_prefix_length
@@ -314,6 +317,11 @@ class PieceEncoder:
                         for ex in examples]
         edit_prefixes = [_encode(self.policy_tokenizer, self.edit_text(ex["messages"][-1]["content"])[0])
                          for ex in examples]
+        for ex, prompt, grm_prefix, edit_prefix in zip(examples, prompts, grm_prefixes, edit_prefixes):
+            where = prompt_row_name(self.data_path, ex)
+            check_token_ids(prompt, self.vocab_size, where)
+            check_token_ids(edit_prefix, self.vocab_size, f"the edit prompt of {where}")
+            check_token_ids(grm_prefix, self.grm_vocab_size, f"the GRM prompt of {where}")
         pieces, truncated = {}, {}
         for name, seqs, width in (("prompt", prompts, self.prompt_length),
                                   ("grm_prefix", grm_prefixes, self.grm_prefix_length),
@@ -337,7 +345,7 @@ class FusedCPEStep:
     def __init__(self, trainer):
         import cpe_jax
         from cpe_jax.rl.trainer import _replicated
-        from cpe_jax.tokenizer import eos_token_ids, load_tokenizer
+        from cpe_jax.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
 
         config = trainer.config
         g, r, e = config.grm, config.rollout, config.edit
@@ -351,9 +359,10 @@ class FusedCPEStep:
                             "than the policy; the fused step joins their tokens directly (set grm.fused=False)")
         grm_model = cpe_jax.load_model(g.path, mesh=self.mesh, dtype=config.get("dtype") or None)
         self.grm_graphdef, self.grm_state = nnx.split(grm_model)
-        pad_id = trainer.tokenizer.pad_token_id if trainer.tokenizer.pad_token_id is not None else 0
-        policy_eos = tuple(eos_token_ids(trainer.tokenizer, config.policy))
-        grm_eos = tuple(dict.fromkeys(eos_token_ids(grm_tokenizer, g.path)))
+        vocab_size = trainer.policy_config.vocab_size
+        policy_eos = eos_token_ids(trainer.tokenizer, config.policy, vocab_size)
+        pad_id = pad_token_id(trainer.tokenizer, vocab_size, policy_eos)
+        grm_eos = eos_token_ids(grm_tokenizer, g.path, grm_model.config.vocab_size)
         policy_sample = SampleConfig(max_new_tokens=r.max_response_length, temperature=float(r.temperature),
                                      top_p=float(r.top_p), top_k=int(r.top_k), eos_token_ids=policy_eos,
                                      pad_token_id=pad_id)
@@ -361,7 +370,9 @@ class FusedCPEStep:
                                 eos_token_ids=grm_eos, pad_token_id=pad_id)
         self.encoder = PieceEncoder(trainer.tokenizer, grm_tokenizer, language=config.language,
                                     prompt_length=r.max_prompt_length, grm_prefix_length=g.max_prompt_length,
-                                    edit_prefix_length=e.max_prompt_length, pad_id=pad_id)
+                                    edit_prefix_length=e.max_prompt_length, pad_id=pad_id,
+                                    vocab_size=vocab_size, grm_vocab_size=grm_model.config.vocab_size,
+                                    data_path=config.data.path)
         self.settings = FusedSettings(
             policy_sample=policy_sample,
             edit_sample=dataclasses.replace(policy_sample, temperature=float(e.get("temperature", r.temperature))),
@@ -372,7 +383,7 @@ class FusedCPEStep:
             strategy=e.strategy, ratio=float(e.ratio),
             weights=tuple(check_weights(dict(g.weights) if g.get("weights") else None).items()),
         )
-        self.tables = GRMTables(build_score_tables(grm_tokenizer, config.language),
+        self.tables = GRMTables(build_score_tables(grm_tokenizer, config.language, grm_model.config.vocab_size),
                                 jnp.asarray(_encode(grm_tokenizer, SCORE_OPENING), jnp.int32))
         self.compile_count = 0
         step = partial(fused_step, trainer.policy_graphdef, trainer.critic_graphdef, self.grm_graphdef,

@@ -19,7 +19,7 @@ from cpe_jax.errors import UserError
 from cpe_jax.reward.grm import GRMScorer
 from cpe_jax.rl.edits import select_edits
 from cpe_jax.sampling import SampleConfig, sample
-from cpe_jax.tokenizer import apply_chat_template
+from cpe_jax.tokenizer import apply_chat_template, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,17 @@ class RolloutBatch:
     edited: list
 
 
+def prompt_row_name(path, example):
+    """How an error names a training prompt: its data file and row number (question_id)."""
+    return f"{path or 'data'}: prompt row {example['question_id']}"
+
+
 class Rollout:
     """Generates, judges, edits and selects for one step, with jitted sampling."""
 
-    def __init__(self, config, graphdef, tokenizer, scorer: GRMScorer, eos_ids, pad_id):
+    def __init__(self, config, graphdef, tokenizer, scorer: GRMScorer, eos_ids, pad_id, vocab_size):
         self.config = config
+        self.vocab_size = int(vocab_size)
         self.graphdef = graphdef
         self.tokenizer = tokenizer
         self.scorer = scorer
@@ -133,6 +139,8 @@ class Rollout:
         timings, metrics = {}, {}
         t0 = time.perf_counter()
         prompt_ids = [apply_chat_template(self.tokenizer, ex["messages"]) for ex in examples]
+        for ex, ids in zip(examples, prompt_ids):
+            check_token_ids(ids, self.vocab_size, prompt_row_name(cfg.data.path, ex))
         prompt_tokens, prompt_mask, truncated = left_pad(prompt_ids, cfg.rollout.max_prompt_length, self.pad_id)
         metrics["data/truncated_prompts"] = truncated
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, 0), i))(
@@ -143,7 +151,9 @@ class Rollout:
         timings["time/generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        judged = [dict(persona=ex["persona"], question=ex["question"], response=r, messages=ex["messages"])
+        # `reference`: the data row's reference answer (verl's reward_model.ground_truth), for scorers that use one.
+        judged = [dict(persona=ex["persona"], question=ex["question"], response=r, messages=ex["messages"],
+                       reference=ex.get("reference"))
                   for ex, r in zip(examples, responses)]
         strategy = cfg.edit.strategy
         orig = self.scorer.score_for_editing(judged) if strategy != "none" else self.scorer.score(judged)
@@ -166,7 +176,8 @@ class Rollout:
             for ex, response, critique in zip(examples, responses, orig.critiques):
                 user_prompt = ex["messages"][-1]["content"]
                 messages = templates.post_edit_messages(user_prompt, response, critique, language=cfg.language)
-                edit_prompts.append(apply_chat_template(self.tokenizer, messages))
+                edit_prompts.append(check_token_ids(apply_chat_template(self.tokenizer, messages), self.vocab_size,
+                                                    f"the edit prompt of {prompt_row_name(cfg.data.path, ex)}"))
             edit_prompt_tokens, edit_prompt_mask, truncated = left_pad(edit_prompts, edit_prompt_len, self.pad_id)
             metrics["data/truncated_edit_prompts"] = truncated
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, 1), i))(
@@ -178,7 +189,8 @@ class Rollout:
             timings["time/edit_generate"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            judged_edits = [dict(persona=ex["persona"], question=ex["question"], response=r) for ex, r in zip(examples, edited)]
+            judged_edits = [dict(persona=ex["persona"], question=ex["question"], response=r, reference=ex.get("reference"))
+                            for ex, r in zip(examples, edited)]
             scored_edits = self.scorer.score(judged_edits)
             has_critique = np.array([bool(c.strip()) for c in orig.critiques])
             edit_valid = scored_edits.valid & has_critique
@@ -212,6 +224,7 @@ class Rollout:
             prompt_mask=prompt_mask,
             orig_tokens=result.tokens,
             orig_mask=result.mask,
+            orig_sampler_logprobs=result.logprobs,
             orig_rewards=np.nan_to_num(orig.scores["reward"]).astype(np.float32),
             orig_valid=orig.valid,
             edit_prompt_tokens=edit_prompt_tokens,

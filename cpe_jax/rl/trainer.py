@@ -130,6 +130,15 @@ def token_weights(mask, agg):
     raise UserError(f"config field ppo.loss_agg: {agg!r} is not one of {ppo.AGG_MODES}")
 
 
+def count_nonfinite(*pairs):
+    """How many entries of the (values, mask) pairs are NaN or infinite where the mask is set:
+    one such log-prob or value poisons every update it reaches, so the run must stop on it."""
+    total = jnp.zeros((), jnp.int32)
+    for values, mask in pairs:
+        total = total + jnp.sum((~jnp.isfinite(values)) & (mask > 0)).astype(jnp.int32)
+    return total
+
+
 def train_step(policy_graphdef, critic_graphdef, policy_tx, critic_tx, settings: StepSettings,
                state: TrainState, batch: dict, rng):
     """(state, rollout batch, key) -> (new state, metrics). Pure; jitted by `Trainer`."""
@@ -263,6 +272,15 @@ def train_step(policy_graphdef, critic_graphdef, policy_tx, critic_tx, settings:
     policy, critic, policy_opt, critic_opt = carry
     stats = jax.tree.map(lambda *x: jnp.mean(jnp.concatenate([jnp.atleast_1d(v) for v in x])), *all_stats)
     metrics.update(stats)
+    edit_mask = batch["edit_mask"]
+    checked = [(old_logprobs, resp_mask), (old_values, resp_mask), (pi_e, edit_mask)]
+    for name, mask in (("orig_sampler_logprobs", batch["orig_mask"]), ("edit_sampler_logprobs", edit_mask)):
+        if name in batch:  # the sampler's own log-probs, when the rollout passes them on
+            checked.append((batch[name], mask))
+    if use_ref:
+        checked.append((ref_logprobs, resp_mask))
+    checked += [(v, jnp.ones(v.shape, bool)) for v in stats.values()]  # losses and gradient norms
+    metrics["numerics/nonfinite"] = count_nonfinite(*checked)
     metrics["actor/advantages"] = ppo.masked_mean(advantages, resp_mask)
     metrics["train/tokens"] = resp_mask.sum()
     metrics["train/rows"] = (resp_mask.sum(axis=1) > 0).sum()
@@ -279,8 +297,6 @@ class PromptStream:
     so the data position saved in a checkpoint is all that resume needs."""
 
     def __init__(self, data_config, language="en"):
-        from cpe_jax.data import prompts as templates
-
         self.seed = int(data_config.get("seed", 0))
         source = data_config.source
         if source == "persona_world":
@@ -293,11 +309,12 @@ class PromptStream:
                 dict(persona=pw.persona_text(p), question=q["text"], messages=pw.policy_messages(p, q))
                 for p in world.personas(split) for q in world.questions(split)
             ]
-        elif source == "jsonl":
-            self.items = []
-            for row in _read_jsonl(data_config.path, required=("persona", "question")):
-                messages = row.get("messages") or templates.policy_messages(row["persona"], row["question"], language)
-                self.items.append(dict(persona=row["persona"], question=row["question"], messages=messages))
+        elif source == "jsonl":  # data.path: JSONL rows or a verl-layout parquet (personafeedback.load_prompt_set)
+            self.items = [
+                dict(persona=p.persona, question=p.question, messages=p.messages, reference=p.reference,
+                     prompt_id=p.id, source=p.source)
+                for p in _read_prompt_file(data_config.get("path"), language)
+            ]
         else:
             raise UserError(f"config field data.source: {source!r} is not one of persona_world, jsonl")
         if not self.items:
@@ -315,18 +332,14 @@ class PromptStream:
         return out
 
 
-def _read_jsonl(path, required=()):
-    from cpe_jax.data.jsonl import read_jsonl
-    from cpe_jax.errors import require_path
+def _read_prompt_file(path, language):
+    """The RL prompts of `data.path`; an unset path is a config error, not a missing file ''."""
+    from cpe_jax.data.personafeedback import load_prompt_set
 
-    require_path(path, "data.path")
-    rows = []
-    for line_no, row in read_jsonl(path, "data.path"):
-        for field in required:
-            if field not in row:
-                raise UserError(f"{path}:{line_no}: missing field {field!r}")
-        rows.append(row)
-    return rows
+    if not path:
+        raise UserError("config field data.path: set it to a JSONL file of {persona, question} rows or a "
+                        "verl-layout parquet (e.g. the paper's RL_data/train.parquet)")
+    return load_prompt_set(path, language)
 
 
 # ---- config validation ---------------------------------------------------------------------------
@@ -392,7 +405,7 @@ class Trainer:
         from cpe_jax.models.heads import ValueModel
         from cpe_jax.rl.rollout import Rollout
         from cpe_jax.sft import init_opt_state, make_optimizer
-        from cpe_jax.tokenizer import eos_token_ids, load_tokenizer
+        from cpe_jax.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
 
         self.config, self.workdir = config, workdir
         self.mesh = validate_config(config, jax.device_count())
@@ -453,8 +466,9 @@ class Trainer:
         self._train_step = jax.jit(step_fn, donate_argnums=(0,),
                                    out_shardings=(self.state_sharding, _replicated(self.mesh)))
         self.data = PromptStream(config.data, config.language)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        eos = eos_token_ids(self.tokenizer, config.policy)
+        vocab_size = self.policy_config.vocab_size
+        eos = eos_token_ids(self.tokenizer, config.policy, vocab_size)
+        pad_id = pad_token_id(self.tokenizer, vocab_size, eos)
         self.rollout = self.fused = None
         if config.grm.type == "flax" and config.grm.get("fused", False):
             from cpe_jax.rl.fused import FusedCPEStep  # rollout, GRM, edits and update in one jit
@@ -462,7 +476,7 @@ class Trainer:
             self.fused = FusedCPEStep(self)
         else:
             scorer = build_scorer(config)
-            self.rollout = Rollout(config, self.policy_graphdef, self.tokenizer, scorer, eos, pad_id)
+            self.rollout = Rollout(config, self.policy_graphdef, self.tokenizer, scorer, eos, pad_id, vocab_size)
         self.metrics = MetricsWriter(workdir, resume_step=int(self.state.step))
 
     @property
@@ -519,6 +533,15 @@ class Trainer:
     def save(self, force=False):
         self.checkpointer.save(self.step, self.state, extra={"data_position": self.position}, force=force)
 
+    def stop_on_nonfinite(self, step, count):
+        """End the run without saving the broken state: earlier checkpoints stay the latest."""
+        self.checkpointer.wait()
+        latest = self.checkpointer.latest_step()
+        self.metrics.close()
+        resume = f"the latest checkpoint is step {latest}" if latest is not None else "no checkpoint was written"
+        raise UserError(f"step {step}: {int(count)} non-finite log-probs, values or losses "
+                        f"(numerics/nonfinite); stopped without saving this step, {resume}")
+
     def run(self, progress=True):
         from cpe_jax.checkpoints import PreemptionGuard, save_model
         from cpe_jax.metrics import progress_bar
@@ -529,6 +552,8 @@ class Trainer:
             while self.step < cfg.total_steps and not guard.requested:
                 step, metrics = self.train_one_step()
                 self.metrics.write(step, metrics)
+                if metrics.get("numerics/nonfinite", 0) > 0:
+                    self.stop_on_nonfinite(step, metrics["numerics/nonfinite"])
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('orig/reward', float('nan')):.3f}")
                 if step % cfg.save_every == 0 or step == cfg.total_steps or guard.requested:

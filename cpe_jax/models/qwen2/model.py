@@ -9,11 +9,14 @@ One forward serves training and KV-cache decoding:
 Without a cache, `mask` is the [B, T] key-validity mask of the tokens themselves. With a cache
 ({"k", "v": one [B, KVH, S, D] array per layer, "end": slots filled}), the T new tokens are written at slots
 [end, end + T) and `mask` is the [B, S] validity of every cache slot; attention is causal in slot
-order, so cached prompts are left-padded.
+order, so cached prompts are left-padded. One new token (T = 1, decoding) sees exactly the slots
+its mask allows, which must include `end` and nothing written later (slot order is not used, so a
+ring-buffer cache works: see `cpe_jax.engine`).
 """
 
 import dataclasses
 import json
+import logging
 import os
 from functools import partial
 from typing import Optional, Union
@@ -24,6 +27,8 @@ from flax import nnx
 
 from cpe_jax.errors import UserError
 from cpe_jax.sharding import LOGICAL_AXIS_RULES, logical_to_spec
+
+logger = logging.getLogger(__name__)
 
 REMAT_POLICIES = {
     "none": None,
@@ -106,6 +111,8 @@ class Qwen2Config:
         if hf.get("hidden_act", "silu") != "silu":
             raise UserError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
         fields = {k: hf[k] for k in cls._HF_FIELDS if hf.get(k) is not None}
+        for key in SPECIAL_TOKEN_FIELDS:
+            fields[key] = hf.get(key)  # null or absent stays None: no Qwen default comes back
         if "rope_theta" not in fields and rope_scaling.get("rope_theta") is not None:
             fields["rope_theta"] = rope_scaling["rope_theta"]  # transformers >= 5 nests it here
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -114,6 +121,7 @@ class Qwen2Config:
                 raise UserError(f"{source}: missing field {key!r}")
         fields.setdefault("num_key_value_heads", fields["num_attention_heads"])
         fields.update(overrides)
+        fields.update(_in_vocab_special_ids(fields, source))
         return cls(**fields)
 
     @classmethod
@@ -185,6 +193,33 @@ class Qwen2Config:
                    rms_norm_eps=1e-5, **kw)
 
 
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id")
+
+
+def _in_vocab_special_ids(fields, source):
+    """The special-id fields of a config dict with ids outside [0, vocab_size) dropped, with one
+    warning naming each dropped field and value: such an id can never be sampled, and fed to the
+    embedding it reads past the table (NaN)."""
+    vocab, kept, dropped = int(fields["vocab_size"]), {}, []
+    for key in SPECIAL_TOKEN_FIELDS:
+        value = fields.get(key)
+        if value is None:
+            continue
+        ids = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+        good = [i for i in ids if 0 <= i < vocab]
+        if len(good) == len(ids):
+            continue
+        dropped.append(f"{key}={value}")
+        if isinstance(value, (list, tuple)):
+            kept[key] = tuple(good) or None
+        else:
+            kept[key] = None
+    if dropped:
+        logger.warning("%s: special token ids outside the vocabulary [0, %d) are ignored: %s",
+                       source, vocab, ", ".join(dropped))
+    return kept
+
+
 PRESETS = {
     "qwen2.5-0.5b": Qwen2Config.qwen2_5_0_5b,
     "qwen2.5-1.5b": Qwen2Config.qwen2_5_1_5b,
@@ -224,6 +259,16 @@ def positions_from_mask(mask):
     """Token positions from a [B, T] validity mask: 0 at each row's first real token (any padding side)."""
     mask = mask.astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def valid_tokens(tokens, mask, cache=None):
+    """tokens [B, T] with every masked position replaced by id 0, so a pad id outside the
+    vocabulary (a gather out of range returns NaN) can never reach the embedding. Without a
+    cache `mask` is [B, T]; with one it is [B, S] over cache slots and the tokens sit at
+    [end, end + T)."""
+    if cache is not None:
+        mask = jax.lax.dynamic_slice_in_dim(mask, cache["end"], tokens.shape[1], axis=1)
+    return jnp.where(mask.astype(bool), tokens, jnp.zeros((), tokens.dtype))
 
 
 def rotary(x, positions, theta):
@@ -382,9 +427,20 @@ def _causal_attention_bwd(groups, block, residuals, d_out):
 _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
+def zero_masked_keys(x, key_mask):
+    """x [B, KVH, S, D] with the slots where key_mask [B, S] is False set to 0.
+
+    A masked key's probability is exactly 0, but 0 x NaN (or inf) is NaN: without this, one
+    non-finite key or value at a masked slot (a padded token, a stale cache slot) reaches every
+    row through probabilities x values, and through k^T x d_scores in the backward pass."""
+    return jnp.where(key_mask[:, None, :, None], x, jnp.zeros((), x.dtype))
+
+
 def _attention(q, k, v, allowed):
     """Softmax attention of q [B, KVH, G, T, D] over k, v [B, KVH, S, D] where allowed [B, T, S];
-    the G query heads of a kv head share one matmul against its keys."""
+    the G query heads of a kv head share one matmul against its keys. Keys that no query may see
+    cannot change the result, whatever their values."""
+    v = zero_masked_keys(v, jnp.any(allowed, axis=1))
     b, kvh, groups, t, d = q.shape
     s = k.shape[2]
     scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kvh, groups * t, d), k,
@@ -413,7 +469,9 @@ def _write_slots(cache, new, end):
 def _decode_attention(q, k, v, allowed):
     """`_attention` for one query position (allowed [B, S]), with slot-major scores [B, KVH, S, G]:
     XLA:CPU runs the query-major q.k^T of a few query rows against a whole cache ~6x slower than
-    k.q^T, and both products run fastest on row-major operands (q^T and p are tiny copies)."""
+    k.q^T, and both products run fastest on row-major operands (q^T and p are tiny copies).
+    Slots that are not allowed cannot change the result, whatever their values."""
+    v = zero_masked_keys(v, allowed)
     d = q.shape[-1]
     scores = _matmul(k, _swap_minor(q[:, :, :, 0]))
     scores = jnp.where(allowed[:, None, :, None], scores * (d ** -0.5), _MASK_VALUE)
@@ -481,15 +539,19 @@ class Attention(nnx.Module):
         if cache_kv is None:
             # Training and scoring: rows t-major, [B, KVH, T*G, D].
             rows = q.transpose(0, 1, 3, 2, 4).reshape(b, kvh, t * groups, d)
-            out = _causal_attention(rows, k, v, mask.astype(bool), groups, QUERY_BLOCK)
+            key_mask = mask.astype(bool)
+            k, v = zero_masked_keys(k, key_mask), zero_masked_keys(v, key_mask)
+            out = _causal_attention(rows, k, v, key_mask, groups, QUERY_BLOCK)
             out = out.reshape(b, kvh, t, groups, d).transpose(0, 2, 1, 3, 4)
         else:
             s = k.shape[2]
-            allowed = (jnp.arange(s)[None, :] <= query_slots[:, None])[None] & mask[:, None, :].astype(bool)
             q = q.reshape(b, kvh, groups, t, d)
             if t == 1:
-                out = _decode_attention(q, k, v, allowed[:, 0])
+                # One new token: the mask alone says what it sees (it must cover the slot being
+                # written and no later one), so a ring-buffer cache whose live slots wrap works too.
+                out = _decode_attention(q, k, v, mask.astype(bool))
             else:
+                allowed = (jnp.arange(s)[None, :] <= query_slots[:, None])[None] & mask[:, None, :].astype(bool)
                 out = _attention(q, k, v, allowed)
             out = out.transpose(0, 3, 1, 2, 4)
         # One [B*T, H*D] x [H*D, E] matmul: the kernel keeps its stored layout.
@@ -556,7 +618,8 @@ class Qwen2ForCausalLM(nnx.Module):
             mask = jnp.ones((tokens.shape[0], width), dtype=bool)
         if positions is None:
             positions = positions_from_mask(mask if cache is None else mask[:, : tokens.shape[1]])
-        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), ("batch", "length", "embed"))
+        x = constrain(jnp.take(self.embed[...], valid_tokens(tokens, mask, cache), axis=0).astype(dt),
+                      ("batch", "length", "embed"))
 
         run = _run_layer
         policy = REMAT_POLICIES[cfg.remat]
@@ -583,6 +646,12 @@ class Qwen2ForCausalLM(nnx.Module):
         if return_hidden:
             return logits, new_cache, hidden
         return logits, new_cache
+
+    def vocabulary_logits(self, hidden):
+        """Logits [B, V] float32 of final hidden states [B, E]: the head at the positions a sampler
+        draws from only (a prefill never materialises [B, P, V])."""
+        head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return jnp.einsum("be,ev->bv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 # ---- KV cache --------------------------------------------------------------------------------
