@@ -26,10 +26,11 @@ def get_config():
     c.world.grm_aspect_pairs = 30  # per aspect: best response vs the same with one flaw
     c.world.eval_examples = 400  # held-out (persona, question) pairs for the win rates
 
-    # Tiny Qwen2 shapes for the policy and the GRM.
+    # Tiny Qwen2 shapes for the policy and the GRM; head_dim (hidden_size / num_attention_heads)
+    # is at least 32 so that vLLM's CPU backend can serve every exported model.
     c.policy_model = ml_collections.ConfigDict(dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.02))
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, initializer_range=0.02))
     c.grm_model = ml_collections.ConfigDict(dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=0.02))

@@ -5,9 +5,10 @@ library. Heavy imports happen inside the functions so `cpe-jax --help` is instan
 """
 
 import argparse
+import shlex
 import sys
 
-from cpe_jax.errors import UserError, exit_on_user_error
+from cpe_jax.errors import JudgeUnavailable, UserError, exit_on_user_error
 
 
 def _cmd_convert(argv):
@@ -104,15 +105,13 @@ def _cmd_eval(argv):
                    "eval set's PersonaFeedback tier (easy, medium, hard) and category (specific, general), "
                    "for the per-tier and per-category rows (aligned like --responses)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--judge", required=True, choices=["python", "http", "flax"])
-    p.add_argument("--judge-fn", metavar="MODULE:FUNCTION", help="--judge python: fn(conversation) -> str | JudgeReply")
-    p.add_argument("--base-url", help="--judge http: OpenAI-compatible server, e.g. https://api.openai.com/v1")
-    p.add_argument("--judge-model", metavar="NAME", help="--judge http: model name, e.g. gpt-4.1")
-    p.add_argument("--api-key-env", metavar="VAR", help="--judge http: environment variable holding the "
-                   "API key (default OPENAI_API_KEY; '' for a server without a key)")
-    p.add_argument("--judge-path", metavar="DIR", help="--judge flax: judge model directory")
+    from cpe_jax.reward.label import add_judge_arguments, add_row_error_argument
+
+    add_judge_arguments(p)
+    add_row_error_argument(p)
+    p.add_argument("--allow-partial", action="store_true", help="while examples are unjudged (the judge gave "
+                   "no answer), still report the win rate of the judged ones, marked partial")
     p.add_argument("--judge-max-tokens", type=int, default=32, help="judge reply length (the verdict comes first)")
-    p.add_argument("--max-concurrency", type=int, default=8, help="--judge http: requests in flight")
     p.add_argument("--policy-prompt", choices=["paper", "persona_world"], default="paper")
     p.add_argument("--language", choices=["en", "zh"], default="en", help="language of the prompt templates")
     p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per policy response")
@@ -141,10 +140,9 @@ def _cmd_eval(argv):
     examples = load_eval_set(args.eval_set)
     if args.labels:
         examples = run.apply_labels(examples, args.labels)
-    judge, judge_label = run.build_judge(
-        args.judge, judge_fn=args.judge_fn, base_url=args.base_url, judge_model=args.judge_model,
-        api_key_env=args.api_key_env, judge_path=args.judge_path, max_concurrency=args.max_concurrency,
-    )
+    from cpe_jax.reward.label import judge_from_arguments
+
+    judge, judge_label = judge_from_arguments(args)
     responses = run.read_responses(args.responses, examples) if args.responses else None
     baseline = (
         run.read_responses(args.baseline_responses, examples, "baseline responses file")
@@ -162,7 +160,18 @@ def _cmd_eval(argv):
         batch_size=args.batch_size, judge_max_tokens=args.judge_max_tokens, judge_label=judge_label,
         policy_label=os.path.abspath(args.policy) if args.policy else os.path.abspath(args.responses),
         baseline_label=os.path.abspath(args.baseline_responses or args.eval_set), fresh=args.fresh,
+        skip_row_errors=args.skip_row_errors, max_consecutive_failures=args.max_consecutive_failures,
+        allow_partial=args.allow_partial,
     )
+    if metrics["row_errors"]:
+        from cpe_jax.reward.judges import RowErrorLog
+
+        errors = RowErrorLog(os.path.join(args.out, run.ERRORS_FILE))
+        print(f"{metrics['row_errors']} examples refused by the judge, skipped and listed in {errors.path}: "
+              f"{errors.listing()}")
+    if "overall" not in metrics:
+        raise UserError(f"no example could be judged: all {metrics['row_errors']} were refused by the judge "
+                        f"(see {os.path.join(args.out, run.ERRORS_FILE)})")
     overall = metrics["overall"]
     lc = overall.get("lc_win_rate")
     for note in grouping_notes(metrics):
@@ -199,11 +208,14 @@ def _cmd_label(argv):
         "append GRM distillation rows {messages: GRM prompt + teacher output, valid, problem, input "
         "fields} to OUT. Resumable: rows already in OUT (matched by `id`, else line number) are "
         "skipped. Rows whose teacher output cannot be parsed are kept with valid=false; train on "
-        "valid rows only.",
+        "valid rows only. Rows the judge refuses (HTTP 400/413/422) go to OUT.errors.jsonl; rows that "
+        "got no answer are stored nowhere, and after --max-consecutive-failures of them in a row the "
+        "command stops with exit code 3 (rerun it to judge the missing rows).",
     )
-    from cpe_jax.reward.label import add_judge_arguments
+    from cpe_jax.reward.label import add_judge_arguments, add_row_error_argument
 
     add_judge_arguments(p)
+    add_row_error_argument(p)
     p.add_argument("--input", required=True, metavar="IN.jsonl")
     p.add_argument("--out", required=True, metavar="OUT.jsonl")
     p.add_argument("--language", choices=["en", "zh"], default="en", help="language of the GRM prompt")
@@ -222,9 +234,13 @@ def _cmd_label(argv):
     read_label_rows(require_path(args.input, "input file"))  # every row checked before the judge starts
     judge, judge_label = judge_from_arguments(args)
     counts = label(judge, args.input, args.out, language=args.language, temperature=args.temperature,
-                   max_tokens=args.max_tokens, batch_size=args.batch_size, progress=_sys.stderr.isatty())
+                   max_tokens=args.max_tokens, batch_size=args.batch_size, progress=_sys.stderr.isatty(),
+                   skip_row_errors=args.skip_row_errors, max_consecutive_failures=args.max_consecutive_failures)
+    if counts["row_errors"]:
+        print(f"{counts['row_errors']} rows refused by the judge, skipped and listed in {counts['errors'].path}: "
+              f"{counts['errors'].listing()}")
     print(f"{judge_label}: {counts['labelled']} rows labelled, {counts['already_done']} already done, "
-          f"{counts['invalid']} of {counts['rows']} invalid; wrote {args.out}")
+          f"{counts['invalid']} of {counts['rows']} invalid, {counts['row_errors']} refused; wrote {args.out}")
 
 
 def _cmd_rm_eval(argv):
@@ -235,12 +251,13 @@ def _cmd_rm_eval(argv):
         "Writes OUT/rm_eval.json, OUT/rm_eval.md and OUT/rm_eval_pairs.jsonl. With --repeat K, "
         "each response is judged K times and judge stability is reported.",
     )
-    from cpe_jax.reward.label import add_judge_arguments
+    from cpe_jax.reward.label import add_judge_arguments, add_row_error_argument
 
     p.add_argument("--data", required=True, metavar="ROOT", help="PersonaFeedback directory (either layout)")
     p.add_argument("--rm", metavar="PATH", help="reward model directory (--rm-type bt, or a flax GRM)")
     p.add_argument("--rm-type", required=True, choices=["grm", "bt"])
     add_judge_arguments(p, required=False)
+    add_row_error_argument(p)
     p.add_argument("--grm-mode", choices=["text", "expected"], default="text",
                    help="flax GRM: parse written scores (text) or expected scores over -5..5")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -259,6 +276,7 @@ def _cmd_rm_eval(argv):
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
 
+    import json
     import logging
     import os
 
@@ -312,7 +330,12 @@ def _cmd_rm_eval(argv):
             judge, info["rm"] = judge_from_arguments(args, judge_path=args.rm)
             scorer = GRMScorer(judge, language=args.language, temperature=temperature, max_tokens=args.max_tokens)
         info["temperature"] = temperature
-        scores = rm_eval.grm_pair_scores(scorer, pairs, repeat=args.repeat, batch_size=args.batch_size)
+        scores = rm_eval.grm_pair_scores(scorer, pairs, repeat=args.repeat, batch_size=args.batch_size,
+                                         out_dir=args.out, skip_row_errors=args.skip_row_errors,
+                                         max_consecutive_failures=args.max_consecutive_failures,
+                                         settings=json.dumps([kind, args.judge_model or args.judge_fn or info["rm"],
+                                                              args.grm_mode, temperature, args.max_tokens,
+                                                              args.language]))
     metrics = rm_eval.evaluate(pairs, scores, args.out, info=info, notes=found.notes)
     overall = metrics["accuracy"]["overall"]
     for note in found.notes:
@@ -380,7 +403,11 @@ def main(argv=None):
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         raise UserError(f"unknown command {name!r}; choose one of {', '.join(COMMANDS)}")
-    return COMMANDS[name][0](rest)
+    try:
+        return COMMANDS[name][0](rest)
+    except JudgeUnavailable as e:  # exit code 3; the same command line resumes
+        e.resume = shlex.join(["cpe-jax", *argv])
+        raise
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 GRM_TEACHERS = {"full": "cpe_jax.data.persona_world:grm_teacher",
                 "short": "cpe_jax.data.persona_world:grm_teacher_short"}
 PAIRWISE_TEACHER = "cpe_jax.data.persona_world:pairwise_teacher"
+MIN_SERVED_HEAD_DIM = 32  # vLLM's CPU attention backend serves head sizes 32 and up
 RUN_LABELS = {"sft": "SFT (start)", "ppo": "PPO (GRM)", "cpe": "CPE (GRM + edit)", "ppo_bt": "PPO (BT RM)"}
 
 
@@ -118,6 +119,10 @@ def init_model(out_dir, tokenizer_dir, shapes, seed):
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=1024, eos_token_id=eos,
                          bos_token_id=None, rope_theta=10000.0, **dict(shapes))
+    if config.head_dim < MIN_SERVED_HEAD_DIM:  # every model the demo writes can be exported and served by vLLM
+        raise UserError(f"demo model shapes: head_dim {config.head_dim} (hidden_size {config.hidden_size} / "
+                        f"num_attention_heads {config.num_attention_heads}) must be >= {MIN_SERVED_HEAD_DIM}, "
+                        "the smallest vLLM's CPU backend serves")
     model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(seed))
     save_model(model, out_dir, tokenizer_dir=tokenizer_dir)
 

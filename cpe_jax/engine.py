@@ -376,12 +376,19 @@ class Engine:
             row_keys = request_keys(np.asarray(seeds, np.uint32), np.asarray(ids, np.uint32))
         elif len(row_keys) != first_row[-1]:
             raise UserError(f"{len(row_keys)} row keys for {first_row[-1]} rows")
-        shape = self.shape_for([len(p) for p in prompts], params_list)
+        results = {}
+        for i, prompt in enumerate(prompts):  # an empty prompt ends before its first token
+            if not len(prompt):
+                for j in range(params_list[i].n):
+                    results[(i, j)] = EngineRow(i, j, [], [], [], False)
+        waiting = [i for i, prompt in enumerate(prompts) if len(prompt)]
+        if not waiting:
+            return [results[(i, j)] for i in range(len(prompts)) for j in range(params_list[i].n)]
+        shape = self.shape_for([len(prompts[i]) for i in waiting], [params_list[i] for i in waiting])
         state = self._run(self._empty, shape)
-        queue = deque(range(len(prompts)))
+        queue = deque(waiting)
         free = list(range(self.num_slots))
         owner = {}  # slot -> (prompt index, sample index)
-        results = {}
         bar = None
         if progress:
             from tqdm.auto import tqdm

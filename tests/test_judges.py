@@ -13,7 +13,8 @@ import pytest
 
 from cpe_jax.errors import UserError
 from cpe_jax.reward.grm import GRMScorer, parse_grm_output
-from cpe_jax.reward.judges import CallableJudge, HTTPJudge, JudgeReply, backoff_delay
+from cpe_jax.reward.judges import (ANSWER, NO_ANSWER, ROW_ERROR, CallableJudge, FailureStreak, HTTPJudge, JudgeReply,
+                                   backoff_delay)
 
 API_KEY = "sk-test-7f3c9a1b2d4e5f60"
 GRM_OK = "<critique>fine</critique>\n<scores>\nHelpfulness: 2\nPersonalization: 3\nNatural: 1\n</scores>"
@@ -197,7 +198,25 @@ def test_connection_refused_is_retried_then_fails_softly(make_judge, monkeypatch
     port = dead.server_address[1]
     dead.server_close()  # nothing listens on this port any more
     judge = make_judge(base_url=f"http://127.0.0.1:{port}/v1", max_retries=2)
-    assert judge([conv("x")])[0].text == "" and judge.num_failed == 1 and len(judge.sleeps) == 2
+    reply = judge([conv("x")])[0]
+    assert reply.outcome == NO_ANSWER and "APIConnectionError" in reply.error
+    assert judge.num_failed == 1 and len(judge.sleeps) == 2
+
+
+def test_after_k_consecutive_no_answers_the_rest_is_not_sent(server, make_judge):
+    for i in range(6):
+        server.plan[f"r{i}"] = [("status", 503)] * 10
+    judge = make_judge(max_retries=1, max_concurrency=1, max_consecutive_failures=3)
+    replies = judge([conv(f"r{i}") for i in range(6)])
+    assert [r.outcome for r in replies] == [NO_ANSWER] * 6
+    assert sum(server.requests.values()) == 3 * 2  # three rows, two attempts each; the rest never sent
+    assert "not sent" in replies[5].error and judge.streak.tripped
+
+
+def test_an_answer_resets_the_failure_streak():
+    streak = FailureStreak(2)
+    assert not streak.update([NO_ANSWER, ROW_ERROR, NO_ANSWER, ANSWER, NO_ANSWER])
+    assert streak.update([NO_ANSWER], ["HTTP 503"]) and "HTTP 503" in streak.reason()
 
 
 def test_exhausted_retries_give_an_empty_reply_that_is_counted(server, make_judge, caplog):
@@ -206,12 +225,24 @@ def test_exhausted_retries_give_an_empty_reply_that_is_counted(server, make_judg
     with caplog.at_level(logging.WARNING, logger="cpe_jax.reward.judges"):
         replies = judge([conv("good 1"), conv("bad"), conv("good 2")])
     assert [r.text for r in replies] == ["reply to good 1", "", "reply to good 2"]
+    assert [r.outcome for r in replies] == [ANSWER, NO_ANSWER, ANSWER]
     assert server.requests["bad"] == 3 and judge.num_failed == 1
     assert "3 attempts" in caplog.text and "HTTP 500" in caplog.text
-    assert not parse_grm_output(replies[1].text).valid
+    result = GRMScorer(CallableJudge(lambda c: replies[1])).score([{"persona": "p", "question": "q", "response": "r"}])
+    assert result.unanswered == [0] and result.num_invalid == 0  # no answer is no parse failure
 
 
-@pytest.mark.parametrize("status", [400, 401, 404])
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_row_errors_are_one_rows_outcome_with_the_servers_message(server, make_judge, status):
+    server.plan["too long"] = [("status", status)]
+    judge = make_judge()
+    replies = judge([conv("ok"), conv("too long")])
+    assert [r.outcome for r in replies] == [ANSWER, ROW_ERROR]
+    assert replies[1].error.startswith(f"HTTP {status}") and API_KEY not in replies[1].error
+    assert server.requests["too long"] == 1 and judge.sleeps == [] and not judge.streak.count
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
 def test_other_4xx_raise_a_user_error_without_retry_or_leaking_the_key(server, make_judge, caplog, status):
     server.plan["a"] = [("status", status)]
     judge = make_judge()
@@ -255,8 +286,10 @@ def test_garbage_text_becomes_an_invalid_counted_judgement(server, make_judge):
 
 def test_non_completion_answer_fails_softly(server, make_judge):
     server.plan["a"] = [("not_json",)]
+    server.plan["b"] = [("text", "")]
     judge = make_judge()
-    assert judge([conv("a")])[0].text == "" and judge.num_failed == 1
+    replies = judge([conv("a"), conv("b")])
+    assert [r.outcome for r in replies] == [NO_ANSWER, NO_ANSWER] and judge.num_failed == 2
 
 
 def test_logprobs_of_the_first_token(server, make_judge):

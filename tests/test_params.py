@@ -135,3 +135,30 @@ def test_wrong_shape_and_missing_tensor_are_named(hf_dir, tmp_path):
     _rewrite_weights(hf_dir, tmp_path / "missing", drop)
     r = _cli("convert", "--from-hf", str(tmp_path / "missing"), "--to-orbax", str(tmp_path / "o"))
     assert r.returncode == 2 and f"missing tensor {name}" in r.stderr
+
+
+def test_export_names_eos_in_generation_config_and_the_models_positions_in_the_tokenizer(tmp_path):
+    from flax import nnx
+
+    from cpe_jax.models.qwen2.model import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096, "eos_token": "x"}))
+    config = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         eos_token_id=7, bos_token_id=None)
+    model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))  # built in the framework: no generation_config
+    save_hf(model, tmp_path / "out", tokenizer_dir=str(tokenizer_dir))
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation == {"eos_token_id": 7}  # bos stays null: not invented
+    tokenizer_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tokenizer_config == {"model_max_length": 1024, "eos_token": "x"}
+    assert json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["model_max_length"] == 4096
+    hf_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert hf_config["bos_token_id"] is None and hf_config["eos_token_id"] == 7
+
+    import transformers
+
+    loaded = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert loaded.eos_token_id == 7 and loaded.bos_token_id is None

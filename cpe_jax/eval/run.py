@@ -10,7 +10,15 @@ baseline in both presentation orders and writes into one output directory:
   judging never costs a regeneration;
 - `run.json`: judge, policy, prompt and sampling settings; a rerun with other settings is refused
   instead of mixing two runs in one table;
+- `errors.jsonl`: examples the judge refused (HTTP 400/413/422: too long, filtered), with their
+  id, line and the server's message; skipped, counted as `row_errors` and never resent;
 - `metrics.json`, `report.md` and the plots of `eval.report.write_report`.
+
+A judge call that gets no answer (server down, timeout, 429/5xx after the retries, empty reply)
+leaves its example out of every file; a rerun judges it. After `max_consecutive_failures` such
+calls in a row judging stops at once. While examples are unjudged, metrics.json reports `judged`,
+`unjudged` and `row_errors` and no win rate (unless `allow_partial`: then the win rate of the
+judged examples, marked partial), and JudgeUnavailable is raised (exit code 3).
 """
 
 import dataclasses
@@ -20,14 +28,17 @@ import logging
 import os
 import sys
 
-from cpe_jax.errors import UserError
-from cpe_jax.eval.report import summarize, write_report
+from cpe_jax.errors import JudgeUnavailable, UserError
+from cpe_jax.eval.report import METRICS_FILE, summarize, write_report
 from cpe_jax.eval.winrate import judge_pairs, parse_verdict, prob_first_from_logprobs
+from cpe_jax.reward.judges import (DEFAULT_MAX_CONSECUTIVE_FAILURES, NO_ANSWER, ROW_ERROR, FailureStreak,
+                                   RowErrorLog, write_jsonl_atomic)
 
 log = logging.getLogger(__name__)
 
 ANNOTATIONS_FILE = "annotations.jsonl"
 GENERATED_FILE = "generated.jsonl"
+ERRORS_FILE = "errors.jsonl"
 RUN_FILE = "run.json"
 POLICY_PROMPTS = ("paper", "persona_world")
 JUDGE_KINDS = ("python", "http", "flax")
@@ -255,7 +266,7 @@ def _check_run(out_dir, run, fresh):
     """Write run.json, or refuse to resume a directory written with other settings."""
     path = os.path.join(out_dir, RUN_FILE)
     if fresh:
-        for name in (ANNOTATIONS_FILE, GENERATED_FILE, RUN_FILE):
+        for name in (ANNOTATIONS_FILE, GENERATED_FILE, ERRORS_FILE, RUN_FILE):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
     if os.path.isfile(path):
@@ -362,6 +373,9 @@ def evaluate(
     baseline_label=None,
     fresh=False,
     progress=None,
+    skip_row_errors=True,
+    max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    allow_partial=False,
 ):
     """Judge a policy's (or given) responses against a baseline; write the report; return metrics.
 
@@ -375,6 +389,7 @@ def evaluate(
     baseline: one text per example; default the examples' `response`.
     batch_size: examples generated and judged per chunk; each chunk's rows are saved at once.
     fresh: discard what an earlier run left in `out_dir` instead of resuming it.
+    skip_row_errors / max_consecutive_failures / allow_partial: see the module docstring.
     The labels name the judge, policy and baseline in run.json and the report.
 
     Returns the metrics written to metrics.json: `summarize`'s overall / by_tier / by_category
@@ -436,7 +451,9 @@ def evaluate(
     generated_path = os.path.join(out_dir, GENERATED_FILE)
     generated = _read_keyed_rows(generated_path, set(keys)) if policy is not None else {}
 
-    pending = [i for i, key in enumerate(keys) if key not in done]
+    errors = RowErrorLog(os.path.join(out_dir, ERRORS_FILE), skip=skip_row_errors)
+    streak = FailureStreak(max_consecutive_failures)
+    pending = [i for i, key in enumerate(keys) if key not in done and key not in errors]
     if pending:
         log.info("evaluating %d of %d examples (%d already done)", len(pending), len(examples), len(done))
     chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
@@ -479,6 +496,14 @@ def evaluate(
             )
             for j, i in enumerate(chunk):
                 ex = examples[i]
+                if judgement.outcomes[j] == NO_ANSWER:
+                    continue  # stored nowhere: a rerun judges this example
+                if judgement.outcomes[j] == ROW_ERROR:
+                    error = next(r.error for r in recorder.replies[2 * j : 2 * j + 2] if r.outcome == ROW_ERROR)
+                    where = ex["source"] + (f" (id {ex['id']!r})" if ex["id"] is not None else "")
+                    errors.add(keys[i], ex["id"] if ex["id"] is not None else i, _source_line(ex["source"], i),
+                               error, where)
+                    continue
                 row = {
                     "key": keys[i],
                     "index": i,
@@ -500,6 +525,8 @@ def evaluate(
                     row["finish_reason"] = finish.get(i)
                 annotations.write(row)
                 done[keys[i]] = row
+            if streak.update([r.outcome for r in recorder.replies], [r.error for r in recorder.replies]):
+                break  # the judge is down: stop at once, keep what is finished
             if not progress:
                 log.info("judged %d / %d examples", len(done), len(examples))
     finally:
@@ -507,21 +534,51 @@ def evaluate(
         if generated_log is not None:
             generated_log.close()
 
+    unjudged = sum(1 for key in keys if key not in done and key not in errors)
     rows = sorted(done.values(), key=lambda r: r["index"])
-    metrics = {
+    counts = {"judged": len(rows), "unjudged": unjudged, "row_errors": len(errors)}
+    head = {
         "judge": name,
         "policy": run["policy"],
         "baseline": run["baseline"],
         **({"policy_prompt": policy_prompt} if policy is not None else {}),
-        "n": len(rows),
-        "n_unparseable": int(sum(r["n_unparseable"] for r in rows)),
-        "length_unit": "characters",
-        **summarize(rows),
+        **counts,
     }
-    if policy is not None:
-        metrics["n_truncated"] = sum(1 for r in rows if r.get("finish_reason") == "length")
-    write_report(out_dir, metrics, rows)
+    if unjudged == 0:
+        if [r["key"] for r in rows] != list(done):  # resumed out of order: same file as an unbroken run
+            write_jsonl_atomic(annotations_path, rows)
+        errors.finish(keys)
+    if rows and (unjudged == 0 or allow_partial):
+        metrics = {
+            **head,
+            "n": len(rows),
+            "n_unparseable": int(sum(r["n_unparseable"] for r in rows)),
+            "length_unit": "characters",
+            **summarize(rows),
+        }
+        if unjudged:
+            metrics["partial"] = (f"{len(rows)} of {len(examples)} examples judged, {unjudged} got no answer "
+                                  "(--allow-partial): the win rate is of the judged examples only")
+        if policy is not None:
+            metrics["n_truncated"] = sum(1 for r in rows if r.get("finish_reason") == "length")
+        write_report(out_dir, metrics, rows)
+    else:
+        note = ("examples are unjudged (rerun to judge them, or pass --allow-partial)" if unjudged
+                else f"the judge refused every example (see {ERRORS_FILE})")
+        metrics = {**head, "win_rate": None, "note": f"no win rate: {note}"}
+        with open(os.path.join(out_dir, METRICS_FILE), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    if unjudged:
+        reason = streak.reason() if streak.tripped else f"{unjudged} examples got no answer"
+        raise JudgeUnavailable(reason, done=len(rows) + len(errors), remaining=unjudged, unit="examples")
     return metrics
+
+
+def _source_line(source, index):
+    """The line number in an example's `source` ("file:line"), else its 1-based position."""
+    tail = str(source).rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else index + 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,7 +586,8 @@ def evaluate(
 
 
 def build_judge(kind, *, judge_fn=None, base_url=None, judge_model=None, api_key_env=None, judge_path=None,
-                max_concurrency=8):
+                max_concurrency=8, timeout=60.0, max_retries=5, backoff_base=0.5,
+                max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES):
     """(ChatJudge, label) for `--judge {python,http,flax}`; flags of another kind are refused."""
     flags = {"--judge-fn": judge_fn, "--base-url": base_url, "--judge-model": judge_model,
              "--api-key-env": api_key_env, "--judge-path": judge_path}
@@ -557,7 +615,9 @@ def build_judge(kind, *, judge_fn=None, base_url=None, judge_model=None, api_key
         from cpe_jax.reward.judges import HTTPJudge
 
         env = "OPENAI_API_KEY" if api_key_env is None else (api_key_env or None)  # "" = no key
-        judge = HTTPJudge(judge_model, base_url=base_url, api_key_env=env, max_concurrency=max_concurrency)
+        judge = HTTPJudge(judge_model, base_url=base_url, api_key_env=env, max_concurrency=max_concurrency,
+                          timeout=timeout, max_retries=max_retries, backoff_base=backoff_base,
+                          max_consecutive_failures=max_consecutive_failures)
         return judge, f"http:{judge_model}@{base_url}"
     import cpe_jax
     from cpe_jax.errors import require_path

@@ -19,6 +19,7 @@ import numpy as np
 
 from cpe_jax.data.prompts import pairwise_judge_messages
 from cpe_jax.errors import UserError
+from cpe_jax.reward.judges import ANSWER, NO_ANSWER, ROW_ERROR
 
 # Below this many rows (or distinct CV groups) the 5-fold GLM is meaningless: raw rate only.
 MIN_ROWS_FOR_LC = 10
@@ -259,8 +260,10 @@ class PairwiseJudgement:
     `preferences[i]`: P(model beats baseline) for example i, averaged over the judged orders.
     `model_first[i]` / `model_second[i]`: the preference from each order alone (`model_second`
     is None when only one order was judged). `replies`: the judge's texts, model-first then
-    model-second per example. `n_unparseable`: replies with neither log-probs nor a leading
-    A/B, each counted as 0.5.
+    model-second per example. `n_unparseable`: answered replies with neither log-probs nor a
+    leading A/B, each counted as 0.5. `outcomes[i]`: ANSWER when every call of example i was
+    answered, else ROW_ERROR or NO_ANSWER (`reward.judges`); such an example's preferences are NaN,
+    never a 0.5 draw, so a win rate over it fails loudly instead of drifting to 50%.
     """
 
     preferences: list
@@ -268,6 +271,7 @@ class PairwiseJudgement:
     model_second: list = None
     replies: list = dataclasses.field(default_factory=list)
     n_unparseable: int = 0
+    outcomes: list = None
 
 
 _EXAMPLE_KEYS = ("persona", "question", "model_response", "baseline_response")
@@ -300,9 +304,13 @@ def judge_pairs(judge, examples, *, both_orders=True, language="en", max_tokens=
             raise RuntimeError(f"judge returned {len(batch_replies)} replies for {len(batch)} conversations")
         replies += batch_replies
 
-    per_reply = [_prob_first(r) for r in replies]
+    per_reply = [_prob_first(r) if r.outcome == ANSWER else (math.nan, True) for r in replies]
     n_unparseable = sum(1 for _, parsed in per_reply if not parsed)
     stride = 2 if both_orders else 1
+    outcomes = []
+    for i in range(len(examples)):
+        own = {r.outcome for r in replies[i * stride : (i + 1) * stride]}
+        outcomes.append(NO_ANSWER if NO_ANSWER in own else ROW_ERROR if ROW_ERROR in own else ANSWER)
     model_first = [per_reply[i * stride][0] for i in range(len(examples))]
     model_second = [1 - per_reply[i * stride + 1][0] for i in range(len(examples))] if both_orders else None
     preferences = [(a + b) / 2 for a, b in zip(model_first, model_second)] if both_orders else list(model_first)
@@ -312,4 +320,5 @@ def judge_pairs(judge, examples, *, both_orders=True, language="en", max_tokens=
         model_second=model_second,
         replies=[r.text for r in replies],
         n_unparseable=n_unparseable,
+        outcomes=outcomes,
     )

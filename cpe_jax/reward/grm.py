@@ -27,7 +27,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cpe_jax.data.prompts import DIMENSIONS, SCORE_MAX, SCORE_MIN, grm_messages
-from cpe_jax.errors import UserError
+from cpe_jax.errors import JudgeUnavailable, UserError
+from cpe_jax.reward.judges import ANSWER, NO_ANSWER, ROW_ERROR
 
 DEFAULT_WEIGHTS = {"helpfulness": 0.35, "personalization": 0.40, "naturalness": 0.25}
 
@@ -183,12 +184,29 @@ class GRMBatchResult:
     `scores` maps each dimension and `"reward"` (the combined score) to a float64 array with NaN on
     invalid rows; `valid` is the boolean mask of rows with three readable scores; `problems[i]` says
     why row i is invalid ("" when valid); `critiques[i]` is "" when the judge wrote none.
+    `outcomes[i]` is the judge call's outcome (`reward.judges`: ANSWER, ROW_ERROR, NO_ANSWER); a
+    row without an answer is invalid too, but it is no judgement: callers must not treat it as data
+    (`unanswered` lists them; `num_invalid` and the metrics count answered rows only).
     """
 
     scores: dict
     critiques: list
     valid: np.ndarray
     problems: list
+    outcomes: list = None
+
+    def __post_init__(self):
+        if self.outcomes is None:
+            self.outcomes = [ANSWER] * len(self.critiques)
+
+    @property
+    def answered(self) -> np.ndarray:
+        return np.array([o == ANSWER for o in self.outcomes], dtype=bool)
+
+    @property
+    def unanswered(self) -> list:
+        """Indices of rows whose judge call got no answer (NO_ANSWER)."""
+        return [i for i, o in enumerate(self.outcomes) if o == NO_ANSWER]
 
     def __iter__(self):
         yield self.scores
@@ -199,7 +217,8 @@ class GRMBatchResult:
 
     @property
     def num_invalid(self) -> int:
-        return int(np.sum(~self.valid))
+        """Answered rows whose judgement cannot be read (parse failures only)."""
+        return int(np.sum(~self.valid & self.answered))
 
     def metrics(self, prefix="grm") -> dict:
         """Counts and means over valid rows, for metrics.jsonl (means are NaN if no row is valid)."""
@@ -209,7 +228,7 @@ class GRMBatchResult:
         return out
 
 
-def judgements_to_batch(judgements: Sequence[GRMJudgement], weights=None) -> GRMBatchResult:
+def judgements_to_batch(judgements: Sequence[GRMJudgement], weights=None, outcomes=None) -> GRMBatchResult:
     """Stack per-row judgements into arrays and add the combined `reward`."""
     scores = {dim: np.array([j.scores[dim] for j in judgements], dtype=np.float64) for dim in DIMENSIONS}
     scores["reward"] = combine_scores(scores, weights)
@@ -218,7 +237,26 @@ def judgements_to_batch(judgements: Sequence[GRMJudgement], weights=None) -> GRM
         critiques=[j.critique for j in judgements],
         valid=np.array([j.valid for j in judgements], dtype=bool),
         problems=[j.problem for j in judgements],
+        outcomes=list(outcomes) if outcomes is not None else None,
     )
+
+
+def reply_judgement(reply) -> GRMJudgement:
+    """The GRM judgement of one JudgeReply: parsed from an answer, invalid (with the server's
+    message or why there was no answer as `problem`) otherwise."""
+    if reply.outcome == ANSWER:
+        return parse_grm_output(reply.text)
+    what = "row error" if reply.outcome == ROW_ERROR else "no answer"
+    return _invalid("", f"{what}: {reply.error}")
+
+
+def require_answers(result: GRMBatchResult, what="GRM"):
+    """Raise JudgeUnavailable when a row of `result` got no answer (an RL step is not trained on
+    half-judged rows: a NaN-masked row would teach nothing and hide the outage)."""
+    missing = result.unanswered
+    if missing:
+        raise JudgeUnavailable(f"{what}: {len(missing)} of {len(result)} judge calls got no answer "
+                               f"(first: {result.problems[missing[0]]})", done=0, remaining=0)
 
 
 class GRMScorer:
@@ -259,7 +297,9 @@ class GRMScorer:
         scored = self.score(examples)
         if self.critique_temperature == self.temperature:
             return scored
-        return dataclasses.replace(scored, critiques=self.critique(examples).critiques)
+        critiqued = self.critique(examples)
+        outcomes = [a if a != ANSWER else b for a, b in zip(scored.outcomes, critiqued.outcomes)]
+        return dataclasses.replace(scored, critiques=critiqued.critiques, outcomes=outcomes)
 
     def _judge(self, examples, temperature) -> GRMBatchResult:
         examples = list(examples)
@@ -267,7 +307,8 @@ class GRMScorer:
         replies = self.judge(conversations, temperature=temperature, max_tokens=self.max_tokens) if conversations else []
         if len(replies) != len(conversations):
             raise RuntimeError(f"judge returned {len(replies)} replies for {len(conversations)} conversations")
-        return judgements_to_batch([parse_grm_output(reply.text) for reply in replies], self.weights)
+        return judgements_to_batch([reply_judgement(reply) for reply in replies], self.weights,
+                                   outcomes=[reply.outcome for reply in replies])
 
     def _messages(self, index, example):
         fields = [_field(example, name, index) for name in ("persona", "question", "response")]

@@ -1,15 +1,21 @@
 """Chat judges: one interface for every backend that turns conversations into judge replies.
 
 A judge is called with a batch of conversations (lists of `{"role", "content"}` messages) and
-returns one `JudgeReply` per conversation. The GRM scorer (`reward/grm.py`) and the pairwise
-evaluation judge (`eval/winrate.py`) are both built on this interface, so any backend serves both:
-a Python callable (tests, PersonaWorld's programmatic teacher), an OpenAI-compatible HTTP server,
-or an in-framework Flax model through the sampler.
+returns one `JudgeReply` per conversation. Every reply has one of three outcomes, never mixed up:
+an `ANSWER` (parsed or not, it is data), a `ROW_ERROR` (the server refused that one conversation:
+HTTP 400/413/422, e.g. longer than its context), or `NO_ANSWER` (connection refused or reset,
+timeout, 429/5xx after the retry budget, an empty reply), which is stored nowhere and judged again
+by a rerun. `FailureStreak` counts consecutive no-answers so a command can stop when the judge
+is down. The GRM scorer (`reward/grm.py`) and the pairwise evaluation judge (`eval/winrate.py`)
+are both built on this interface, so any backend serves both: a Python callable (tests,
+PersonaWorld's programmatic teacher), an OpenAI-compatible HTTP server, or an in-framework Flax
+model through the sampler.
 """
 
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import logging
 import os
 import random
@@ -25,16 +31,65 @@ Conversation = list  # list[Message]
 log = logging.getLogger(__name__)
 
 
+ANSWER, ROW_ERROR, NO_ANSWER = "answer", "row_error", "no_answer"
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 8
+
+
 @dataclasses.dataclass
 class JudgeReply:
     """One judge completion.
 
     `first_token_logprobs` maps candidate first tokens to their log-probabilities when the backend
-    reports them (used for soft pairwise preferences); None when it does not.
+    reports them (used for soft pairwise preferences); None when it does not. `outcome` is ANSWER,
+    ROW_ERROR or NO_ANSWER; `error` is the server's message (row error) or why there is no answer.
     """
 
     text: str
     first_token_logprobs: Optional[dict] = None
+    outcome: str = ANSWER
+    error: str = ""
+
+    @property
+    def answered(self) -> bool:
+        return self.outcome == ANSWER
+
+
+class FailureStreak:
+    """Consecutive NO_ANSWER outcomes; `tripped` once `limit` of them came in a row.
+
+    An answer or a row error (the server is up) resets the count. Thread-safe, so the HTTP judge's
+    workers can share one.
+    """
+
+    def __init__(self, limit=DEFAULT_MAX_CONSECUTIVE_FAILURES):
+        if not isinstance(limit, int) or limit < 1:
+            raise UserError(f"--max-consecutive-failures={limit!r} must be an integer >= 1")
+        self.limit = limit
+        self.count = 0
+        self.last_error = ""
+        self._lock = threading.Lock()
+
+    def update(self, outcomes, messages=None):
+        """Count `outcomes` (ANSWER / ROW_ERROR / NO_ANSWER, in row order; `messages` say why, for
+        the stop message); returns `tripped`."""
+        outcomes = list(outcomes)
+        messages = list(messages) if messages is not None else [""] * len(outcomes)
+        with self._lock:
+            for outcome, message in zip(outcomes, messages):
+                if outcome == NO_ANSWER:
+                    self.count += 1
+                    self.last_error = message
+                else:
+                    self.count = 0
+        return self.tripped
+
+    @property
+    def tripped(self) -> bool:
+        return self.count >= self.limit
+
+    def reason(self):
+        last = f" (last: {self.last_error})" if self.last_error else ""
+        return f"{self.count} consecutive judge calls got no answer{last}"
 
 
 class ChatJudge(Protocol):
@@ -71,6 +126,7 @@ class CallableJudge:
 # POST /v1/chat/completions.
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})  # and every 5xx
+ROW_ERROR_STATUS = frozenset({400, 413, 422})  # the server refuses this one conversation (too long, filtered)
 _LOGPROB_CANDIDATES = 5
 
 
@@ -93,11 +149,12 @@ class HTTPJudge:
     Up to `max_concurrency` requests are in flight at once; replies keep the order of the
     conversations. 429, 408, 409, 5xx, timeouts and connection errors are retried up to
     `max_retries` times with jittered exponential backoff (base `backoff_base` s, at most
-    `backoff_max` s). Once retries are exhausted, or when the server answers with something that
-    is not a chat completion, the reply is `JudgeReply(text="")`: the GRM parser marks it invalid,
-    so it is masked and counted like any unreadable judgement instead of crashing a whole RL step;
-    `num_failed` counts such replies and each one is logged. Any other 4xx (wrong key, model name
-    or URL, request too long) cannot be fixed by retrying and raises a one-line UserError.
+    `backoff_max` s). Once retries are exhausted, or when the server's answer is empty or not a
+    chat completion, the reply is NO_ANSWER (`num_failed` counts them, each is logged); once
+    `max_consecutive_failures` no-answers came in a row, the requests not sent yet are not sent
+    (NO_ANSWER at once), so a dead server stops a command in one retry budget. HTTP 400/413/422
+    is a ROW_ERROR carrying the server's message. Any other 4xx (wrong key, model name or URL)
+    cannot be fixed by retrying and raises a one-line UserError.
 
     The API key is read from the environment variable `api_key_env` (None: a server without
     authentication); it is never logged and is scrubbed from error messages.
@@ -114,6 +171,7 @@ class HTTPJudge:
         timeout=60.0,
         backoff_base=0.5,
         backoff_max=30.0,
+        max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES,
     ):
         import openai
 
@@ -139,6 +197,7 @@ class HTTPJudge:
         self.backoff_base = float(backoff_base)
         self.backoff_max = float(backoff_max)
         self.num_failed = 0
+        self.streak = FailureStreak(max_consecutive_failures)
         self._api_key = api_key
         self._lock = threading.Lock()
         self._sleep = time.sleep
@@ -161,6 +220,15 @@ class HTTPJudge:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _complete(self, conversation, *, temperature, max_tokens, want_logprobs):
+        if self.streak.tripped:  # the server is down: do not queue more work on it
+            why = f"not sent, the server is down: {self.streak.last_error}"
+            return JudgeReply(text="", outcome=NO_ANSWER, error=why)
+        reply = self._attempts(conversation, temperature=temperature, max_tokens=max_tokens,
+                               want_logprobs=want_logprobs)
+        self.streak.update([reply.outcome], [reply.error])
+        return reply
+
+    def _attempts(self, conversation, *, temperature, max_tokens, want_logprobs):
         import openai
 
         extra = {"logprobs": True, "top_logprobs": _LOGPROB_CANDIDATES} if want_logprobs else {}
@@ -179,8 +247,10 @@ class HTTPJudge:
             except openai.APIConnectionError as e:  # includes timeouts
                 reason = type(e).__name__
             except openai.APIStatusError as e:
+                message = " ".join(str(e.message).split())[:300]
+                if e.status_code in ROW_ERROR_STATUS:
+                    return JudgeReply(text="", outcome=ROW_ERROR, error=self._scrub(f"HTTP {e.status_code}: {message}"))
                 if not (e.status_code in _RETRYABLE_STATUS or e.status_code >= 500):
-                    message = " ".join(str(e.message).split())[:300]
                     raise UserError(
                         self._scrub(f"judge {self.model!r} at {self.base_url} refused a request: {message}")
                     ) from None
@@ -196,6 +266,8 @@ class HTTPJudge:
             text = choice.message.content or ""
         except (AttributeError, IndexError, TypeError):
             return self._failed("the server's answer is not a chat completion")
+        if not text:
+            return self._failed("the server's answer is empty")
         logprobs = None
         if want_logprobs:
             content = getattr(choice.logprobs, "content", None)
@@ -206,8 +278,9 @@ class HTTPJudge:
     def _failed(self, why):
         with self._lock:
             self.num_failed += 1
-        log.warning(self._scrub(f"judge {self.model!r} at {self.base_url}: {why}; the reply is left empty"))
-        return JudgeReply(text="")
+        why = self._scrub(why)
+        log.warning(f"judge {self.model!r} at {self.base_url}: {why}; no answer (judged again by a rerun)")
+        return JudgeReply(text="", outcome=NO_ANSWER, error=why)
 
     def _scrub(self, message):
         """Remove the API key from a message (servers sometimes echo it back)."""
@@ -222,3 +295,73 @@ def _retry_after_seconds(headers):
         return max(0.0, float(headers.get("retry-after")))
     except (TypeError, ValueError):
         return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Row errors: what the server refused, kept beside a command's output so a rerun does not resend it.
+
+
+class RowErrorLog:
+    """`OUT.errors.jsonl`: one row per refused input row, `{"key", "id", "line", "error"}`.
+
+    Read on start (those rows are skipped, counted and listed again, never resent; delete the file
+    to retry them), appended and flushed as errors come, rewritten in input order by `finish`.
+    With `skip=False` the first row error stops the command instead (UserError naming the row).
+    """
+
+    def __init__(self, path, *, skip=True):
+        self.path, self.skip = path, skip
+        self.rows = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, start=1):
+                    try:
+                        row = json.loads(line)
+                        self.rows[row["key"]] = row
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        if line.endswith("\n"):
+                            raise UserError(f"{path}:{line_no}: not a row error written by cpe-jax "
+                                            "(fix or move the file)") from None
+
+    def __contains__(self, key):
+        return key in self.rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def add(self, key, row_id, line, error, where):
+        """Record one refused row (or raise when not skipping); `where` names it in messages."""
+        message = f"{where}: the judge refused this row ({error})"
+        if not self.skip:
+            raise UserError(message + "; pass --skip-row-errors to record it and go on")
+        log.warning("%s; recorded in %s", message, self.path)
+        row = {"key": key, "id": row_id, "line": line, "error": error}
+        self.rows[key] = row
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def finish(self, order):
+        """Rewrite the file in the order of `order` (keys), so reruns leave the same file."""
+        if not self.rows:
+            return
+        rank = {key: i for i, key in enumerate(order)}
+        rows = sorted(self.rows.values(), key=lambda r: rank.get(r["key"], len(rank)))
+        write_jsonl_atomic(self.path, rows)
+
+    def listing(self, limit=5):
+        """'id 7 (line 7): HTTP 400: ...; ...' for the end-of-run summary."""
+        rows = list(self.rows.values())
+        text = "; ".join(f"id {r['id']} (line {r['line']}): {r['error']}" for r in rows[:limit])
+        return text + (f"; and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def write_jsonl_atomic(path, rows):
+    """Write `rows` as JSONL through PATH.tmp and a rename: the file is whole or untouched."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -14,16 +14,27 @@ Resumable: an input row is identified by its `id` field when it has one, else by
 rows already in OUT are kept and skipped. Finished rows are appended and flushed batch by batch,
 so an interruption loses at most the batch in flight; a half-written last line (a crash mid-write)
 is dropped on resume and that row is judged again.
+
+A judge call that gets no answer (server down, timeout, 429/5xx after the retries, empty reply) is
+stored nowhere: a rerun judges that row. After `max_consecutive_failures` of them in a row the
+command stops at once (JudgeUnavailable, exit code 3). A row the server refuses (HTTP 400/413/422,
+e.g. longer than its context) goes to `OUT.errors.jsonl` (`errors_path`) with its id, line and the
+server's message, and is skipped (or stops the command with `skip_row_errors=False`). When every
+row is finished, OUT is rewritten in input order, so a run interrupted and resumed leaves the same
+file as one that never stopped.
 """
 
+import argparse
 import json
 import logging
 import os
 
 from cpe_jax.data.prompts import grm_messages
 from cpe_jax.data.jsonl import read_jsonl
-from cpe_jax.errors import UserError, require_path
+from cpe_jax.errors import JudgeUnavailable, UserError, require_path
 from cpe_jax.reward.grm import parse_grm_output
+from cpe_jax.reward.judges import (DEFAULT_MAX_CONSECUTIVE_FAILURES, NO_ANSWER, ROW_ERROR, FailureStreak,
+                                   RowErrorLog, write_jsonl_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +95,33 @@ def _finished_rows(out_path):
     return done
 
 
-def label(judge, in_path, out_path, *, language="en", temperature=0.0, max_tokens=1024, batch_size=16,
-          progress=False):
-    """Judge every row of `in_path` not yet in `out_path` with `judge` (a ChatJudge) and append.
+def errors_path(out_path):
+    """Where `label` records the rows the judge refused: OUT without .jsonl, plus .errors.jsonl."""
+    root, ext = os.path.splitext(out_path)
+    return (root if ext == ".jsonl" else out_path) + ".errors.jsonl"
 
-    Returns counts: rows, already_done, labelled (this run), invalid (in the whole OUT file).
+
+def describe_row(path, line_no, row):
+    """How messages name an input row: file:line and its id when it has one."""
+    return f"{path}:{line_no}" + (f" (id {row['id']!r})" if "id" in row else "")
+
+
+def label(judge, in_path, out_path, *, language="en", temperature=0.0, max_tokens=1024, batch_size=16,
+          progress=False, skip_row_errors=True, max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES):
+    """Judge every row of `in_path` not yet in `out_path` (nor in its errors file) and append.
+
+    Returns counts: rows, already_done, labelled (this run), invalid (in the whole OUT file),
+    judged (rows in OUT), row_errors (rows in the errors file). Raises JudgeUnavailable (after
+    keeping every finished row; done = judged + refused rows) when rows got no answer.
     """
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be >= 1")
     rows = read_label_rows(in_path)
     done = _finished_rows(out_path)
-    todo = [r for r in rows if r[0] not in done]
+    errors = RowErrorLog(errors_path(out_path), skip=skip_row_errors)
+    streak = FailureStreak(max_consecutive_failures)
+    todo = [r for r in rows if r[0] not in done and r[0] not in errors]
     already = len(rows) - len(todo)
-    invalid = sum(1 for key, _, _ in rows if key in done and not done[key].get("valid", False))
     chunks = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
     if progress:
         from tqdm.auto import tqdm
@@ -105,29 +130,52 @@ def label(judge, in_path, out_path, *, language="en", temperature=0.0, max_token
     labelled = 0
     out_dir = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(out_dir, exist_ok=True)
+
+    def remaining():
+        return sum(1 for key, _, _ in rows if key not in done and key not in errors)
+
     with open(out_path, "a", encoding="utf-8") as out:
         for chunk in chunks:
             prompts = [grm_messages(row["persona"], row["question"], row["response"], language) for _, _, row in chunk]
             replies = judge(prompts, temperature=temperature, max_tokens=max_tokens)
             if len(replies) != len(prompts):
                 raise RuntimeError(f"judge returned {len(replies)} replies for {len(prompts)} conversations")
-            for (_, line_no, row), messages, reply in zip(chunk, prompts, replies):
-                judgement = parse_grm_output(reply.text)
-                record = dict(row)
-                record.update(
-                    line=line_no,
-                    messages=messages + [{"role": "assistant", "content": reply.text}],
-                    valid=judgement.valid,
-                    problem=judgement.problem,
-                )
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                invalid += not judgement.valid
-            out.flush()
-            os.fsync(out.fileno())
-            labelled += len(chunk)
+            try:
+                for (key, line_no, row), messages, reply in zip(chunk, prompts, replies):
+                    if reply.outcome == NO_ANSWER:
+                        continue  # stored nowhere: a rerun judges this row
+                    if reply.outcome == ROW_ERROR:
+                        errors.add(key, row.get("id", line_no), line_no, reply.error,
+                                   describe_row(in_path, line_no, row))
+                        continue
+                    judgement = parse_grm_output(reply.text)
+                    record = dict(row)
+                    record.update(
+                        line=line_no,
+                        messages=messages + [{"role": "assistant", "content": reply.text}],
+                        valid=judgement.valid,
+                        problem=judgement.problem,
+                    )
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    done[key] = record
+                    labelled += 1
+            finally:
+                out.flush()
+                os.fsync(out.fileno())
+            if streak.update([r.outcome for r in replies], [r.error for r in replies]):
+                raise JudgeUnavailable(streak.reason(), done=len(done) + len(errors), remaining=remaining())
             if not progress:
-                log.info("labelled %d / %d rows", already + labelled, len(rows))
-    return {"rows": len(rows), "already_done": already, "labelled": labelled, "invalid": invalid}
+                log.info("labelled %d / %d rows", len(done) + len(errors), len(rows))
+    left = remaining()
+    if left:
+        raise JudgeUnavailable(f"{left} rows got no answer", done=len(done) + len(errors), remaining=left)
+    order = [key for key, _, _ in rows]
+    if list(done) != [key for key in order if key in done]:
+        write_jsonl_atomic(out_path, [done[key] for key in order if key in done])
+    errors.finish(order)
+    invalid = sum(1 for row in done.values() if not row.get("valid", False))
+    return {"rows": len(rows), "already_done": already, "labelled": labelled, "invalid": invalid,
+            "judged": len(done), "unjudged": 0, "row_errors": len(errors), "errors": errors}
 
 
 def add_judge_arguments(parser, *, required=True):
@@ -142,6 +190,22 @@ def add_judge_arguments(parser, *, required=True):
                         "API key (default OPENAI_API_KEY; '' for a server without a key)")
     parser.add_argument("--judge-path", metavar="DIR", help="--judge flax: judge model directory")
     parser.add_argument("--max-concurrency", type=int, default=8, help="--judge http: requests in flight")
+    parser.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="--judge http: seconds one request may take")
+    parser.add_argument("--judge-retries", type=int, default=5,
+                        help="--judge http: retries of a timeout, connection error, 429 or 5xx")
+    parser.add_argument("--judge-backoff", type=float, default=0.5, metavar="SECONDS",
+                        help="--judge http: first retry delay (doubled each retry, at most 30 s)")
+    parser.add_argument("--max-consecutive-failures", type=int, default=DEFAULT_MAX_CONSECUTIVE_FAILURES,
+                        metavar="K", help="stop (exit code 3, finished rows kept) after K judge calls in a row "
+                        "got no answer; a rerun judges the missing rows")
+
+
+def add_row_error_argument(parser):
+    """`--skip-row-errors` (default on): record rows the judge refuses (HTTP 400/413/422) and go on."""
+    parser.add_argument("--skip-row-errors", action=argparse.BooleanOptionalAction, default=True,
+                        help="record a row the judge refuses (HTTP 400/413/422, e.g. too long) in the errors "
+                        "file and go on (default); --no-skip-row-errors stops at it (exit code 2)")
 
 
 def judge_from_arguments(args, judge_path=None):
@@ -150,4 +214,6 @@ def judge_from_arguments(args, judge_path=None):
 
     return build_judge(args.judge, judge_fn=args.judge_fn, base_url=args.base_url, judge_model=args.judge_model,
                        api_key_env=args.api_key_env, judge_path=judge_path or args.judge_path,
-                       max_concurrency=args.max_concurrency)
+                       max_concurrency=args.max_concurrency, timeout=args.judge_timeout,
+                       max_retries=args.judge_retries, backoff_base=args.judge_backoff,
+                       max_consecutive_failures=args.max_consecutive_failures)

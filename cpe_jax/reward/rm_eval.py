@@ -10,9 +10,18 @@ With `repeat` K > 1 (judge stability), every response is judged K times; accurac
 first repeat (comparable with K = 1) and `stability` reports, per dimension, the mean variance of
 a response's score across repeats, the fraction of responses whose repeats all agree, and the
 fraction of pairs whose verdict (better / tie / worse) is the same in every repeat.
+
+With an output directory, `grm_pair_scores` is resumable: every judgement is appended to
+OUT/rm_eval_judgements.jsonl as it comes, so a rerun judges only what is missing. A judge call
+that gets no answer is stored nowhere; after `max_consecutive_failures` in a row it stops
+(JudgeUnavailable, exit code 3) and rm_eval.json is not written until every pair is judged. A
+response the server refuses (HTTP 400/413/422) goes to OUT/errors.jsonl; its pair is left out of
+the accuracy and counted as `row_errors`.
 """
 
+import hashlib
 import json
+import logging
 import math
 import os
 
@@ -20,25 +29,123 @@ import numpy as np
 
 from cpe_jax.data.personafeedback import CATEGORIES, TIERS, known_first
 from cpe_jax.data.prompts import DIMENSIONS
+from cpe_jax.errors import JudgeUnavailable, UserError
+from cpe_jax.reward.judges import (DEFAULT_MAX_CONSECUTIVE_FAILURES, NO_ANSWER, ROW_ERROR, FailureStreak,
+                                   RowErrorLog, write_jsonl_atomic)
+
+log = logging.getLogger(__name__)
+
+JUDGEMENTS_FILE = "rm_eval_judgements.jsonl"
+ERRORS_FILE = "errors.jsonl"
+SIDES = ("chosen", "rejected")
 
 
 def _examples(pairs, side):
     return [{"persona": p.persona, "question": p.question, "response": getattr(p, side)} for p in pairs]
 
 
-def grm_pair_scores(scorer, pairs, *, repeat=1, batch_size=32):
-    """Scores of chosen and rejected responses: {side: {dimension|"reward": float [K, N]}} (NaN = invalid)."""
-    out = {}
-    for side in ("chosen", "rejected"):
-        examples = _examples(pairs, side)
-        per_repeat = []
-        for _ in range(repeat):
-            chunks = [scorer.score(examples[s : s + batch_size]) for s in range(0, len(examples), batch_size)]
-            per_repeat.append({
-                name: np.concatenate([c.scores[name] for c in chunks]) if chunks else np.zeros(0)
-                for name in DIMENSIONS + ("reward",)
-            })
-        out[side] = {name: np.stack([r[name] for r in per_repeat]) for name in DIMENSIONS + ("reward",)}
+def _judgement_key(index, pair, side, repeat, settings=""):
+    """Pair index, side, repeat and a hash of the text judged and the judge `settings`: a rerun on
+    other data or with another judge never matches."""
+    text = f"{settings}\0{pair.question}\0{getattr(pair, side)}"
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+    return f"{index}:{side}:{repeat}:{digest}"
+
+
+def _read_judgements(path, keys):
+    """{key: row} of a judgements file; a torn last line is dropped, a foreign key refused."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    rows = {}
+    for line_no, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            key = row["key"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if line_no == len(lines) and not line.endswith("\n"):
+                log.warning("%s:%d: dropping a partly written last line", path, line_no)
+                write_jsonl_atomic(path, list(rows.values()))
+                break
+            raise UserError(f"{path}:{line_no}: not a judgement written by `cpe-jax rm-eval` "
+                            "(fix or move the file)") from None
+        if key not in keys:
+            raise UserError(f"{path}:{line_no}: judgement {key!r} belongs to other data or settings; "
+                            "use another --out")
+        rows[key] = row
+    return rows
+
+
+def grm_pair_scores(scorer, pairs, *, repeat=1, batch_size=32, out_dir=None, skip_row_errors=True,
+                    max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES, settings=""):
+    """Scores of chosen and rejected responses: {side: {dimension|"reward": float [K, N]}} (NaN = invalid),
+    plus `"refused"`: bool [N], pairs with a response the judge refused (their scores are NaN).
+
+    With `out_dir`, judgements are cached there and a rerun judges only the missing ones (see the
+    module docstring); raises JudgeUnavailable while any response is unjudged. `settings` (judge,
+    temperature, ...) is part of every cached judgement's key.
+    """
+    tasks = [(_judgement_key(i, pair, side, r, settings), i, side, r)
+             for side in SIDES for r in range(repeat) for i, pair in enumerate(pairs)]
+    cache_path = os.path.join(out_dir, JUDGEMENTS_FILE) if out_dir else None
+    done = _read_judgements(cache_path, {t[0] for t in tasks}) if cache_path else {}
+    errors = RowErrorLog(os.path.join(out_dir, ERRORS_FILE), skip=skip_row_errors) if out_dir else None
+    refused = set(errors.rows) if errors else set()
+    streak = FailureStreak(max_consecutive_failures)
+    todo = [t for t in tasks if t[0] not in done and t[0] not in refused]
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    cache = open(cache_path, "a", encoding="utf-8") if cache_path else None
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            result = scorer.score([{"persona": pairs[i].persona, "question": pairs[i].question,
+                                    "response": getattr(pairs[i], side)} for _, i, side, _ in chunk])
+            for j, (key, i, side, r) in enumerate(chunk):
+                outcome = result.outcomes[j]
+                if outcome == NO_ANSWER:
+                    continue  # stored nowhere: a rerun judges it
+                if outcome == ROW_ERROR:
+                    where = f"{pairs[i].source} ({side})"
+                    if errors is None:
+                        raise UserError(f"{where}: the judge refused this response ({result.problems[j]})")
+                    line = str(pairs[i].source).rsplit(":", 1)[-1]
+                    errors.add(key, pairs[i].source, int(line) if line.isdigit() else i + 1,
+                               result.problems[j].removeprefix("row error: "), where)
+                    refused.add(key)
+                    continue
+                row = {"key": key, "pair": i, "side": side, "repeat": r,
+                       "scores": {name: _number(result.scores[name][j]) for name in DIMENSIONS + ("reward",)},
+                       "valid": bool(result.valid[j]), "problem": result.problems[j]}
+                done[key] = row
+                if cache:
+                    cache.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if cache:
+                cache.flush()
+            if streak.update(result.outcomes, result.problems):
+                break  # the judge is down: stop at once
+    finally:
+        if cache:
+            cache.close()
+    missing = [t for t in tasks if t[0] not in done and t[0] not in refused]
+    if missing:
+        open_pairs = {i for _, i, _, _ in missing}
+        reason = streak.reason() if streak.tripped else f"{len(missing)} judge calls got no answer"
+        raise JudgeUnavailable(reason, done=len(pairs) - len(open_pairs), remaining=len(open_pairs), unit="pairs")
+    if cache_path and list(done) != [t[0] for t in tasks if t[0] in done]:  # same file as an unbroken run
+        write_jsonl_atomic(cache_path, [done[t[0]] for t in tasks if t[0] in done])
+    if errors:
+        errors.finish([t[0] for t in tasks])
+    out = {side: {name: np.full((repeat, len(pairs)), np.nan) for name in DIMENSIONS + ("reward",)} for side in SIDES}
+    for key, i, side, r in tasks:
+        if key in done:
+            for name, value in done[key]["scores"].items():
+                out[side][name][r, i] = np.nan if value is None else value
+    out["refused"] = np.zeros(len(pairs), bool)
+    for key, i, _, _ in tasks:
+        if key in refused:
+            out["refused"][i] = True
     return out
 
 
@@ -131,9 +238,20 @@ def evaluate(pairs, scores, out_dir, *, info=None, notes=()):
     `notes` (e.g. `PairFiles.notes`: categories or tier files the data lacks) go into the JSON as
     `notes` and into the markdown above the table.
     """
+    refused = scores.get("refused")
+    if refused is not None and refused.any():  # pairs the judge refused are no judgement: left out
+        keep = np.flatnonzero(~refused)
+        pairs = [pairs[i] for i in keep]
+        scores = {side: {name: values[:, keep] for name, values in scores[side].items()} for side in SIDES}
     chosen, rejected = scores["chosen"]["reward"][0], scores["rejected"]["reward"][0]
     metrics = dict(info or {})
+    metrics["judged"] = len(pairs)
+    metrics["unjudged"] = 0
+    metrics["row_errors"] = int(refused.sum()) if refused is not None else 0
     metrics["notes"] = list(notes)
+    if metrics["row_errors"]:
+        metrics["notes"].append(f"{metrics['row_errors']} pairs left out: the judge refused a response "
+                                f"(listed in {ERRORS_FILE}).")
     metrics["accuracy"] = accuracy_table(pairs, chosen, rejected)
     metrics["stability"] = stability(scores)
     os.makedirs(out_dir, exist_ok=True)

@@ -16,9 +16,9 @@ import numpy as np
 
 from cpe_jax.data import prompts as templates
 from cpe_jax.errors import UserError
-from cpe_jax.reward.grm import GRMScorer
+from cpe_jax.reward.grm import GRMScorer, require_answers
 from cpe_jax.rl.edits import select_edits
-from cpe_jax.sampling import SampleConfig, sample
+from cpe_jax.sampling import SampleConfig
 from cpe_jax.tokenizer import apply_chat_template, check_token_ids
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,12 @@ def build_judge(grm_config):
         return HTTPJudge(
             grm_config.model_name,
             base_url=grm_config.base_url,
-            api_key_env=grm_config.get("api_key_env", "OPENAI_API_KEY"),
+            api_key_env=grm_config.get("api_key_env", "OPENAI_API_KEY") or None,  # "": a server without a key
             max_concurrency=grm_config.get("max_concurrency", 8),
+            timeout=grm_config.get("timeout", 60.0),
+            max_retries=grm_config.get("max_retries", 5),
+            backoff_base=grm_config.get("backoff_base", 0.5),
+            max_consecutive_failures=grm_config.get("max_consecutive_failures", 8),
         )
     if kind == "flax":
         import cpe_jax
@@ -119,16 +123,45 @@ class Rollout:
         self.edit_sample_config = dataclasses.replace(
             self.sample_config, temperature=float(config.edit.get("temperature", r.temperature))
         )
-        self._sample = jax.jit(sample, static_argnums=(0, 5))
+        self.engine = None  # built on the first step, when the policy's parameters and mesh are known
 
     def _generate(self, state, tokens, mask, keys, sample_config, mesh):
-        from cpe_jax.sharding import shard_batch
+        """Sample every row of the left-padded prompts [N, P] on the slot engine (consecutive rows
+        with the same prompt share one prefill); returns a `SampleResult` of host arrays [N, R]."""
+        from flax import nnx
 
-        with jax.set_mesh(mesh):
-            batch = shard_batch(mesh, {"tokens": tokens, "mask": mask})
-            keys = jax.device_put(keys)
-            result = self._sample(self.graphdef, state, batch["tokens"], batch["mask"], keys, sample_config)
-            return jax.tree.map(np.asarray, result)
+        from cpe_jax.engine import Engine
+        from cpe_jax.sampling import SampleResult, SamplingParams
+
+        if self.engine is None:
+            slots = int(self.config.rollout.get("slots") or 0) or len(tokens)
+            self.engine = Engine(nnx.merge(self.graphdef, state), num_slots=slots, mesh=mesh,
+                                 eos_token_ids=sample_config.eos_token_ids, pad_token_id=self.pad_id)
+        self.engine.set_params(state)
+        prompts, counts = [], []
+        for row, row_mask in zip(tokens, mask):
+            ids = row[row_mask].tolist()
+            if prompts and ids == prompts[-1]:
+                counts[-1] += 1
+            else:
+                prompts.append(ids)
+                counts.append(1)
+        c = sample_config
+        params = [SamplingParams(max_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                 top_k=c.top_k, stop_token_ids=c.stop_token_ids, ignore_eos=c.ignore_eos, n=n)
+                  for n in counts]
+        rows = self.engine.generate(prompts, params, row_keys=keys)
+        n, width = len(rows), c.max_new_tokens
+        out = SampleResult(tokens=np.full((n, width), self.pad_id, np.int32), mask=np.zeros((n, width), bool),
+                           logprobs=np.zeros((n, width), np.float32),
+                           sampling_logprobs=np.zeros((n, width), np.float32),
+                           lengths=np.zeros((n,), np.int32), stopped=np.zeros((n,), bool))
+        for i, row in enumerate(rows):
+            length = len(row.token_ids)
+            out.tokens[i, :length], out.mask[i, :length] = row.token_ids, True
+            out.logprobs[i, :length], out.sampling_logprobs[i, :length] = row.logprobs, row.sampling_logprobs
+            out.lengths[i], out.stopped[i] = length, row.stopped
+        return out
 
     def _decode(self, tokens, mask):
         return [self.tokenizer.decode(t[m], skip_special_tokens=True).strip() for t, m in zip(tokens, mask)]
@@ -157,6 +190,7 @@ class Rollout:
                   for ex, r in zip(examples, responses)]
         strategy = cfg.edit.strategy
         orig = self.scorer.score_for_editing(judged) if strategy != "none" else self.scorer.score(judged)
+        require_answers(orig, "GRM on the responses")  # no answer: JudgeUnavailable, the step is not trained
         timings["time/judge"] = time.perf_counter() - t0
 
         n = len(examples)
@@ -192,6 +226,7 @@ class Rollout:
             judged_edits = [dict(persona=ex["persona"], question=ex["question"], response=r, reference=ex.get("reference"))
                             for ex, r in zip(examples, edited)]
             scored_edits = self.scorer.score(judged_edits)
+            require_answers(scored_edits, "GRM on the edits")
             has_critique = np.array([bool(c.strip()) for c in orig.critiques])
             edit_valid = scored_edits.valid & has_critique
             edit_rewards = scored_edits.scores["reward"]
@@ -216,7 +251,8 @@ class Rollout:
                 metrics["edit/selected_reward"] = float(np.mean(edit_rewards[keep_edit]))
 
         metrics.update(_score_metrics("orig", orig.scores, orig.valid, result.mask))
-        metrics["grm/failure_rate"] = float(1 - orig.valid.mean())
+        metrics["grm/failure_rate"] = orig.num_invalid / max(len(orig), 1)  # parse failures only
+        metrics["grm/row_errors"] = len(orig) - int(orig.answered.sum())  # refused by the server, masked
         metrics["orig/stopped_frac"] = float(result.stopped.mean())
         metrics.update(timings)
         arrays = dict(

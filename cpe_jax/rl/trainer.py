@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from cpe_jax.errors import UserError
+from cpe_jax.errors import JudgeUnavailable, UserError
 from cpe_jax.rl import ppo
 from cpe_jax.rl.edits import build_training_rows
 
@@ -377,6 +377,8 @@ def validate_config(config, num_devices):
         check(config.rollout[field] >= 1, f"rollout.{field}", "must be >= 1")
     check(0 < config.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     check(config.rollout.temperature >= 0, "rollout.temperature", "must be >= 0")
+    check(isinstance(config.rollout.get("slots", 0), int) and config.rollout.get("slots", 0) >= 0, "rollout.slots",
+          "must be an integer >= 0 (0 = every row of the step at once)")
     from cpe_jax.sharding import make_mesh
 
     mesh = make_mesh(dict(config.mesh))
@@ -542,6 +544,18 @@ class Trainer:
         raise UserError(f"step {step}: {int(count)} non-finite log-probs, values or losses "
                         f"(numerics/nonfinite); stopped without saving this step, {resume}")
 
+    def stop_on_judge_unavailable(self, error):
+        """The GRM gave no answer beyond its retry budget: this step is not trained on. Save the last
+        finished step and end with exit code 3 (JudgeUnavailable); rerunning resumes from it."""
+        self.checkpointer.wait()
+        if self.checkpointer.latest_step() != self.step:
+            self.save(force=True)
+            self.checkpointer.wait()
+        self.metrics.close()
+        raise JudgeUnavailable(f"step {self.step + 1} not trained, checkpoint saved at step {self.step}; "
+                               f"{error.reason}", done=self.step, remaining=self.config.total_steps - self.step,
+                               unit="steps") from None
+
     def run(self, progress=True):
         from cpe_jax.checkpoints import PreemptionGuard, save_model
         from cpe_jax.metrics import progress_bar
@@ -550,7 +564,10 @@ class Trainer:
         bar = progress_bar(total=cfg.total_steps, initial=self.step, desc="cpe train", enabled=progress)
         with PreemptionGuard() as guard:
             while self.step < cfg.total_steps and not guard.requested:
-                step, metrics = self.train_one_step()
+                try:
+                    step, metrics = self.train_one_step()
+                except JudgeUnavailable as e:
+                    self.stop_on_judge_unavailable(e)
                 self.metrics.write(step, metrics)
                 if metrics.get("numerics/nonfinite", 0) > 0:
                     self.stop_on_nonfinite(step, metrics["numerics/nonfinite"])
@@ -669,6 +686,7 @@ def default_config():
     c.rollout.temperature = 0.9
     c.rollout.top_p = 0.9
     c.rollout.top_k = 0
+    c.rollout.slots = 0  # decode slots of the rollout engine; 0 = every row of the step at once
 
     c.grm = ml_collections.ConfigDict()
     c.grm.type = "http"  # "python" (grm.judge_fn), "http" (OpenAI-compatible), "flax" or "bt" (grm.path)
@@ -677,6 +695,10 @@ def default_config():
     c.grm.model_name = ""
     c.grm.api_key_env = "OPENAI_API_KEY"
     c.grm.max_concurrency = 8
+    c.grm.timeout = 60.0  # http: seconds per request; timeouts, connection errors, 429 and 5xx are retried
+    c.grm.max_retries = 5  # http: beyond them the step is not trained on: checkpoint, exit code 3
+    c.grm.backoff_base = 0.5  # http: first retry delay in seconds, doubled each retry
+    c.grm.max_consecutive_failures = 8  # http: no-answers in a row before the rest of the batch is not sent
     c.grm.path = ""
     c.grm.mode = "text"  # flax GRM only: "expected" = expected scores over -5..5 (never unreadable)
     c.grm.max_tokens = 1024

@@ -3,7 +3,8 @@
 Loading streams tensor by tensor from `model.safetensors` or a sharded index: each tensor is
 memory-mapped, converted to our layout and placed straight into its target sharding, so host
 memory holds about one tensor at a time. Export writes safetensors shards (<= max_shard_size) with
-an index, `config.json`, `generation_config.json` when known, and the tokenizer files.
+an index, `config.json`, `generation_config.json` whenever the model has EOS ids, and the tokenizer
+files, with `model_max_length` set to the model's positions.
 """
 
 import json
@@ -298,12 +299,43 @@ def save_hf(model, out_dir, *, tokenizer_dir=None, max_shard_size="5GB", dtype=N
     hf_config["torch_dtype"] = out_dtype.name
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    generation_config = getattr(model, "generation_config", None)
+    generation_config = export_generation_config(model)
     if generation_config:
         with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
             json.dump(generation_config, f, indent=2)
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         copy_tokenizer_files(tokenizer_dir, out_dir)
+    set_model_max_length(out_dir, config.max_position_embeddings)
+
+
+def export_generation_config(model):
+    """generation_config.json for an export: the loaded one, with the model's EOS ids when it has
+    none; else, whenever the model has EOS ids, one that names them (servers such as vLLM stop on
+    them). None when there is nothing to say."""
+    config = model.config
+    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+    out = dict(getattr(model, "generation_config", None) or {})
+    if eos is not None and out.get("eos_token_id") is None:
+        out["eos_token_id"] = eos
+    if config.bos_token_id is not None and out and "bos_token_id" not in out:
+        out["bos_token_id"] = config.bos_token_id
+    return out or None
+
+
+def set_model_max_length(out_dir, max_positions):
+    """Make `model_max_length` in OUT/tokenizer_config.json the model's positions (a copied Qwen
+    tokenizer says 131072 or 4096 whatever model it serves)."""
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    if tokenizer_config.get("model_max_length") == max_positions:
+        return
+    tokenizer_config["model_max_length"] = int(max_positions)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def copy_tokenizer_files(src_dir, dst_dir):
