@@ -315,7 +315,7 @@ class Engine:
         self.config = model.config
         self.mesh = mesh
         multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        self.num_slots = bucket_size(int(num_slots), 1, multiple) if num_slots % multiple else int(num_slots)
+        self.num_slots = -(-int(num_slots) // multiple) * multiple
         if int(sync_every) < 1:
             raise UserError(f"sync_every={sync_every!r} must be an integer >= 1")
         self.sync_every = int(sync_every)
