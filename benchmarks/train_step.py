@@ -46,7 +46,8 @@ def make_ours(model_dir, dtype):
     from flax import nnx
 
     import cpe_jax
-    from cpe_jax.sft import TrainState, train_step
+    from cpe_jax.sft import train_step
+    from cpe_jax.train.state import TrainState
 
     model = cpe_jax.load_model(model_dir, dtype=dtype, param_dtype="float32")
     graphdef, params = nnx.split(model)

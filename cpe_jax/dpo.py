@@ -29,6 +29,7 @@ from flax import nnx
 
 from cpe_jax import sft
 from cpe_jax.errors import UserError
+from cpe_jax.models.logprobs import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def _tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, where):
     return PairExample(c, ct, r, rt, truncated=truncated, where=where)
 
 
-def load_pairs(config, tokenizer, process_index=0, process_count=1):
-    """This host's share of the preference pairs, validated and tokenized."""
+def load_pairs(config, tokenizer):
+    """The preference pairs, validated and tokenized (every host holds all of them)."""
     path, max_length = config.data.path, config.max_length
     if not path or not os.path.exists(path):
         raise UserError(f"config field data.path: preference data does not exist: {path!r}")
@@ -74,17 +75,17 @@ def load_pairs(config, tokenizer, process_index=0, process_count=1):
         from cpe_jax.data.prompts import policy_messages
 
         language = config.data.get("language", "en")
-        for i, p in enumerate(load_personafeedback(path)[process_index::process_count]):
+        for i, p in enumerate(load_personafeedback(path)):
             prompt = policy_messages(p.persona, p.question, language)
             examples.append(_tokenize_pair(tokenizer, prompt, p.chosen, p.rejected, max_length,
-                                           f"{p.source} pair {i * process_count + process_index}"))
+                                           f"{p.source} pair {i}"))
         return examples
-    for where, row in sft.read_rows(path, process_index, process_count):
+    for where, row in sft.read_rows(path):
         if row.get("valid") is False:
             continue
-        prompt = sft._prompt_messages(row, where)
-        examples.append(_tokenize_pair(tokenizer, prompt, sft._string(row, "chosen", where),
-                                       sft._string(row, "rejected", where), max_length, where))
+        prompt = sft.prompt_messages(row, where)
+        examples.append(_tokenize_pair(tokenizer, prompt, sft.string_field(row, "chosen", where),
+                                       sft.string_field(row, "rejected", where), max_length, where))
     return examples
 
 
@@ -94,8 +95,8 @@ def collate_pairs(examples, bucket_size, max_length, pad_id):
     width = sft.bucket_width(longest, bucket_size, max_length)
     batch = {}
     for side in ("chosen", "rejected"):
-        batch[side], batch[f"{side}_mask"] = sft._pad([getattr(e, side) for e in examples], width, pad_id)
-        targets, _ = sft._pad([getattr(e, f"{side}_targets") for e in examples], width, 0)
+        batch[side], batch[f"{side}_mask"] = sft.pad_rows([getattr(e, side) for e in examples], width, pad_id)
+        targets, _ = sft.pad_rows([getattr(e, f"{side}_targets") for e in examples], width, 0)
         batch[f"{side}_targets"] = targets.astype(bool)
         batch[f"ref_{side}"] = np.asarray([getattr(e, f"ref_{side}") for e in examples], np.float32)
     return batch
@@ -109,8 +110,7 @@ def sequence_logps(model, tokens, mask, targets):
     from cpe_jax.models.qwen2.model import positions_from_mask
 
     logits, _ = model(tokens, positions_from_mask(mask), None, mask)
-    logits = logits[:, :-1].astype(jnp.float32)
-    token_logps = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, -1)
+    token_logps = token_logprobs(logits[:, :-1], tokens[:, 1:])
     weights = (targets[:, 1:] & mask[:, 1:]).astype(jnp.float32)
     return (token_logps * weights).sum(-1)
 
@@ -172,10 +172,10 @@ class DPOTrainer(sft.SFTTrainer):
         cfg.check(c.loss_type == "sigmoid" or c.label_smoothing == 0, "label_smoothing",
                   "applies to loss_type 'sigmoid' only")
         cfg.check(isinstance(c.ref_model, str), "ref_model", "must be a path or '' (the starting model)")
-        return sft.validate_config(c, self.process_count, modes=("dpo",))
+        return sft.validate_config(c, modes=("dpo",))
 
     def load_examples(self):
-        examples = load_pairs(self.config, self.tokenizer, self.process_index, self.process_count)
+        examples = load_pairs(self.config, self.tokenizer)
         empty = sum(not e.chosen_targets.any() or not e.rejected_targets.any() for e in examples)
         if empty:
             log.warning("%d pairs have no response tokens within max_length=%d; they carry no gradient",
@@ -193,39 +193,51 @@ class DPOTrainer(sft.SFTTrainer):
 
     # -- reference log-probs, computed once --
     def _reference_path(self):
-        suffix = f".process{self.process_index}" if self.process_count > 1 else ""
-        return os.path.join(self.workdir, f"reference_logps{suffix}.npz")
+        return os.path.join(self.workdir, "reference_logps.npz")
 
     def _reference_signature(self):
         c = self.config
         return json.dumps({"data_path": os.path.abspath(c.data.path), "ref_model": os.path.abspath(c.ref_model or c.model),
-                           "max_length": int(c.max_length), "rows": len(self.examples),
-                           "process": [self.process_index, self.process_count]}, sort_keys=True)
+                           "max_length": int(c.max_length), "rows": len(self.examples)}, sort_keys=True)
+
+    def _read_reference_cache(self, path):
+        """(chosen, rejected) of the cache file, or None when there is none on this host."""
+        if not os.path.exists(path):
+            return None
+        with np.load(path, allow_pickle=False) as cached:
+            if str(cached["signature"]) != self._reference_signature():
+                raise UserError(f"{path}: cached reference log-probs are for other data or another reference "
+                                "model (use a new --workdir)")
+            return cached["chosen"], cached["rejected"]
 
     def _attach_reference_logps(self):
         path = self._reference_path()
-        if os.path.exists(path):
-            with np.load(path, allow_pickle=False) as cached:
-                if str(cached["signature"]) != self._reference_signature():
-                    raise UserError(f"{path}: cached reference log-probs are for other data or another reference "
-                                    "model (use a new --workdir)")
-                chosen, rejected = cached["chosen"], cached["rejected"]
+        cached = self._read_reference_cache(path)
+        found = cached is not None
+        if jax.process_count() > 1:  # computing is collective: every host must take the same branch
+            from jax.experimental import multihost_utils
+
+            found = bool(np.all(multihost_utils.process_allgather(np.asarray(found))))
+        if found:
+            chosen, rejected = cached
             log.info("read reference log-probs from %s", path)
         else:
             chosen, rejected = self._compute_reference_logps()
-            tmp = path + ".tmp.npz"
-            np.savez(tmp, chosen=chosen, rejected=rejected, signature=np.asarray(self._reference_signature()))
-            os.replace(tmp, path)
-            log.info("wrote reference log-probs to %s", path)
+            if jax.process_index() == 0:
+                tmp = path + ".tmp.npz"
+                np.savez(tmp, chosen=chosen, rejected=rejected, signature=np.asarray(self._reference_signature()))
+                os.replace(tmp, path)
+                log.info("wrote reference log-probs to %s", path)
         for example, c, r in zip(self.examples, chosen, rejected):
             example.ref_chosen, example.ref_rejected = float(c), float(r)
 
     def _compute_reference_logps(self):
         """One forward pass over every pair with the reference weights (the starting params when
-        `ref_model` is empty and training has not begun)."""
+        `ref_model` is empty and training has not begun). Every host gets every row's values."""
         import cpe_jax
         from cpe_jax.config import data_parallel_size
         from cpe_jax.metrics import progress_bar
+        from cpe_jax.sharding import replicated
 
         c = self.config
         if c.ref_model or self.step > 0:
@@ -235,30 +247,22 @@ class DPOTrainer(sft.SFTTrainer):
         else:
             graphdef, params = self.graphdef, self.state.params
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         forward = jax.jit(lambda p, batch: pair_logps(nnx.merge(graphdef, p), batch),
-                          in_shardings=(param_shardings, self._batch_sharding), out_shardings=replicated)
-        global_batch = c.micro_batch_size or c.batch_size
-        multiple = data_parallel_size(self.mesh) * self.process_count
-        global_batch = -(-global_batch // multiple) * multiple
-        local = global_batch // self.process_count
+                          in_shardings=(param_shardings, self.batch_sharding), out_shardings=replicated(self.mesh))
+        multiple = data_parallel_size(self.mesh)
+        chunk_size = -(-(c.micro_batch_size or c.batch_size) // multiple) * multiple
         rows = len(self.examples)
-        if self.process_count > 1:  # every host runs the same number of forward passes
-            from jax.experimental import multihost_utils
-
-            rows = int(np.max(multihost_utils.process_allgather(np.asarray(rows))))
         chosen, rejected = [], []
-        bar = progress_bar(total=-(-rows // local), initial=0, desc="reference log-probs",
+        bar = progress_bar(total=-(-rows // chunk_size), initial=0, desc="reference log-probs",
                            enabled=c.get("progress", True))
-        for start in range(0, rows, local):
-            chunk = self.examples[start:start + local]
+        for start in range(0, rows, chunk_size):
+            chunk = self.examples[start:start + chunk_size]
             n = len(chunk)
-            chunk = chunk + [self.examples[0]] * (local - n)
+            chunk = chunk + [self.examples[0]] * (chunk_size - n)
             with jax.set_mesh(self.mesh):
-                out = forward(params, self._global(self.collate(chunk)))
+                out = forward(params, self.place(self.collate(chunk)))
             for values, sink in zip(jax.device_get(out), (chosen, rejected)):
-                own = np.asarray(values)[self.process_index * local:(self.process_index + 1) * local]
-                sink.append(own[:n])
+                sink.append(np.asarray(values)[:n])
             bar.update(1)
         bar.close()
         return np.concatenate(chosen).astype(np.float32), np.concatenate(rejected).astype(np.float32)
@@ -272,9 +276,6 @@ def main(argv):
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("cpe_jax").setLevel(logging.INFO)
     trainer = DPOTrainer(config, workdir)
-    try:
-        step = trainer.run(progress=config.get("progress", True))
-    finally:
-        trainer.close()
+    step = trainer.run(progress=config.get("progress", True))
     print(f"stopped at step {step} of {trainer.total_steps}; workdir {workdir}")
     return 0

@@ -210,11 +210,7 @@ def run(config, workdir, *, progress=True):
         student_config.model = config.student
         student_config.data.path = sft_path
         student_config.progress = progress
-    trainer = sft.SFTTrainer(student_config, os.path.join(workdir, "student"))
-    try:
-        stats["student_steps"] = trainer.run(progress=progress)
-    finally:
-        trainer.close()
+    stats["student_steps"] = sft.SFTTrainer(student_config, os.path.join(workdir, "student")).run(progress=progress)
     return stats
 
 

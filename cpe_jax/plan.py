@@ -313,7 +313,7 @@ NO_GRAD_PASSES = (OLD_PASS, REFERENCE_PASS, PI_E_PASS)
 
 
 def ppo_plan(policy_config, config, mesh: dict, grm_config=None) -> Plan:
-    """Memory of a PPO/CPE step: rollout, edit rollout, optional flax GRM, then `rl.trainer.train_step`.
+    """Memory of a PPO/CPE step: rollout, edit rollout, optional flax GRM, then `rl.update.train_step`.
 
     Everything runs one pass after the other, so each pass is a phase and the peak is the resident
     part plus the largest phase. The train step's passes run in `micro_batch_size`-row pieces

@@ -21,10 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx
 
 from cpe_jax.data.jsonl import read_jsonl
 from cpe_jax.errors import UserError
+from cpe_jax.models.logprobs import token_logprobs
+from cpe_jax.train.batching import split_micro
+from cpe_jax.train.loop import NONFINITE_METRIC, TrainLoop
+from cpe_jax.train.numerics import count_nonfinite
+from cpe_jax.train.optim import init_opt_state, make_optimizer, with_total_steps
+from cpe_jax.train.state import TrainState, shardings_of
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +52,12 @@ class Example:
     where: str = ""  # FILE:LINE (or pair) for error messages
 
 
-def read_rows(path, process_index=0, process_count=1):
-    """(where, row) for this host's share of the non-blank lines of a JSONL file (row i goes to
-    host i % process_count); bad JSON is a UserError naming FILE:LINE."""
-    rows = list(read_jsonl(path, "data file"))
-    return [(f"{path}:{line_no}", row) for line_no, row in rows[process_index::process_count]]
+def read_rows(path):
+    """(where, row) for every non-blank line of a JSONL file; bad JSON is a UserError naming FILE:LINE.
+
+    Every host reads every row: the rows of a global batch are then the same on any number of hosts.
+    """
+    return [(f"{path}:{line_no}", row) for line_no, row in read_jsonl(path, "data file")]
 
 
 def _check_messages(messages, where, field):
@@ -62,14 +69,14 @@ def _check_messages(messages, where, field):
     return messages
 
 
-def _string(row, name, where):
+def string_field(row, name, where):
     if not isinstance(row.get(name), str):
         got = "missing" if name not in row else f"a {type(row[name]).__name__}"
         raise UserError(f"{where}: field {name!r} must be a string, got {got}")
     return row[name]
 
 
-def _prompt_messages(row, where):
+def prompt_messages(row, where):
     if "messages" in row:
         return _check_messages(row["messages"], where, "messages")
     if "prompt" not in row:
@@ -83,7 +90,7 @@ def _prompt_messages(row, where):
 def lm_conversation(row, where):
     """The messages of an `lm` row; loss goes on every assistant message."""
     if "response" in row or "prompt" in row:
-        return _prompt_messages(row, where) + [{"role": "assistant", "content": _string(row, "response", where)}]
+        return prompt_messages(row, where) + [{"role": "assistant", "content": string_field(row, "response", where)}]
     if "messages" not in row:
         raise UserError(f"{where}: an lm row needs 'messages' or 'prompt' + 'response'")
     messages = _check_messages(row["messages"], where, "messages")
@@ -132,8 +139,8 @@ def _encode_chat(tokenizer, messages):
     return np.asarray(apply_chat_template(tokenizer, messages, add_generation_prompt=False), np.int32)
 
 
-def load_examples(config, tokenizer, process_index=0, process_count=1):
-    """This host's share of the training rows, validated and tokenized (too-long rows truncated and flagged)."""
+def load_examples(config, tokenizer):
+    """The training rows, validated and tokenized (too-long rows truncated and flagged)."""
     path, mode, max_length = config.data.path, config.mode, config.max_length
     if not path or not os.path.exists(path):
         raise UserError(f"config field data.path: data file does not exist: {path!r}")
@@ -144,16 +151,15 @@ def load_examples(config, tokenizer, process_index=0, process_count=1):
         from cpe_jax.data.personafeedback import load_pairs
         from cpe_jax.reward.bt import example_messages
 
-        pairs = load_pairs(path)[process_index::process_count]
         language = config.data.get("language", "en")
-        for i, p in enumerate(pairs):
+        for i, p in enumerate(load_pairs(path)):
             chosen = _encode_chat(tokenizer, example_messages(p.persona, p.question, p.chosen, language))
             rejected = _encode_chat(tokenizer, example_messages(p.persona, p.question, p.rejected, language))
-            where = f"{p.source} pair {i * process_count + process_index}"
+            where = f"{p.source} pair {i}"
             examples.append(_pair_example(chosen, rejected, max_length, where))
         return examples
     skipped = 0
-    for where, row in read_rows(path, process_index, process_count):
+    for where, row in read_rows(path):
         if row.get("valid") is False:  # `cpe-jax label` keeps unreadable teacher outputs, marked
             skipped += 1
             continue
@@ -162,9 +168,9 @@ def load_examples(config, tokenizer, process_index=0, process_count=1):
             truncated = len(ids) > max_length
             examples.append(Example(ids[:max_length], targets[:max_length], truncated=truncated, where=where))
         else:
-            prompt = _prompt_messages(row, where)
-            chosen = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": _string(row, "chosen", where)}])
-            rejected = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": _string(row, "rejected", where)}])
+            prompt = prompt_messages(row, where)
+            chosen = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": string_field(row, "chosen", where)}])
+            rejected = _encode_chat(tokenizer, prompt + [{"role": "assistant", "content": string_field(row, "rejected", where)}])
             examples.append(_pair_example(chosen, rejected, max_length, where))
     if skipped:
         log.warning("%s: skipped %d rows marked \"valid\": false", path, skipped)
@@ -197,7 +203,7 @@ def bucket_width(length, bucket_size, max_length):
     return min(max_length, -(-max(length, 1) // bucket_size) * bucket_size)
 
 
-def _pad(rows, width, pad_id):
+def pad_rows(rows, width, pad_id):
     tokens = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, ids in enumerate(rows):
@@ -210,13 +216,13 @@ def collate(examples, mode, bucket_size, max_length, pad_id):
     """Host arrays of one batch, right-padded to a bucket width."""
     if mode == "lm":
         width = bucket_width(max(len(e.tokens) for e in examples), bucket_size, max_length)
-        tokens, mask = _pad([e.tokens for e in examples], width, pad_id)
-        targets, _ = _pad([e.targets for e in examples], width, 0)
+        tokens, mask = pad_rows([e.tokens for e in examples], width, pad_id)
+        targets, _ = pad_rows([e.targets for e in examples], width, 0)
         return {"tokens": tokens, "mask": mask, "targets": targets.astype(bool)}
     longest = max(max(len(e.tokens), len(e.rejected)) for e in examples)
     width = bucket_width(longest, bucket_size, max_length)
-    chosen, chosen_mask = _pad([e.tokens for e in examples], width, pad_id)
-    rejected, rejected_mask = _pad([e.rejected for e in examples], width, pad_id)
+    chosen, chosen_mask = pad_rows([e.tokens for e in examples], width, pad_id)
+    rejected, rejected_mask = pad_rows([e.rejected for e in examples], width, pad_id)
     return {"chosen": chosen, "chosen_mask": chosen_mask, "rejected": rejected, "rejected_mask": rejected_mask}
 
 
@@ -235,10 +241,8 @@ def lm_loss_sum(model, batch):
 
     tokens, mask = batch["tokens"], batch["mask"]
     logits, _ = model(tokens, positions_from_mask(mask), None, mask)
-    logits = logits[:, :-1].astype(jnp.float32)
-    labels = tokens[:, 1:]
     weights = (batch["targets"][:, 1:] & mask[:, 1:]).astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    nll = -token_logprobs(logits[:, :-1], tokens[:, 1:])
     return (nll * weights).sum(), {"tokens": weights.sum()}
 
 
@@ -259,50 +263,6 @@ LOSSES = {"lm": (lm_loss_sum, "tokens"), "bt": (bt_loss_sum, "pairs")}
 
 
 # ---- the train step ----------------------------------------------------------------------------
-
-
-@struct.dataclass
-class TrainState:
-    params: nnx.State
-    opt_state: optax.OptState
-    step: jax.Array
-
-
-def make_optimizer(config, schedule="cosine"):
-    """AdamW after global-norm clipping, with linear warmup then cosine decay (to lr * min_lr_ratio)
-    or a constant rate (the paper's PPO). `config` needs lr, warmup_steps, total_steps, grad_clip,
-    weight_decay (and min_lr_ratio for cosine). Returns (optax transform, lr schedule)."""
-    warmup = int(config.warmup_steps)
-    if schedule == "constant":
-        lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, config.lr, warmup), optax.constant_schedule(config.lr)], [warmup]
-        ) if warmup else optax.constant_schedule(config.lr)
-    elif schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
-            decay_steps=max(config.total_steps, warmup + 1),
-            end_value=config.lr * config.get("min_lr_ratio", 0.0),
-        )
-    else:
-        raise UserError(f"config field lr_schedule: {schedule!r} is not 'cosine' or 'constant'")
-    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity()
-    return optax.chain(clip, optax.adamw(lr, weight_decay=config.weight_decay)), lr
-
-
-def init_opt_state(tx, params, mesh):
-    """`tx.init(params)` with every params-shaped part of the state (Adam's moments) sharded like
-    the params and the rest (counts) replicated; plain `jit(tx.init)` would replicate everything."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    abstract = jax.eval_shape(tx.init, params)
-    shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract, param_shardings,
-                                      transform_non_params=lambda _: replicated)
-    return jax.jit(tx.init, out_shardings=shardings)(params)
-
-
-def _split_micro(tree, n):
-    """[B, ...] -> [n, B/n, ...] taking every n-th row, so each micro-batch spans all data shards."""
-    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), tree)
 
 
 def train_step(graphdef, tx, schedule, mode, num_micro, state, batch):
@@ -327,24 +287,26 @@ def train_step(graphdef, tx, schedule, mode, num_micro, state, batch):
             return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, jax.tree.map(jnp.add, acc_a, a)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        first = jax.tree.map(lambda x: x[0], _split_micro(batch, num_micro))
+        first = jax.tree.map(lambda x: x[0], split_micro(batch, num_micro))
         aux0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda p, m: loss_fn(p, m)[1], state.params, first))
         (grads, loss_sum, aux), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), aux0),
-                                                 _split_micro(batch, num_micro))
+                                                 split_micro(batch, num_micro))
     count = jnp.maximum(aux[count_key], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "lr": schedule(state.step)}
     for key, value in aux.items():
         metrics[key] = value if key == count_key else value / count
+    metrics[NONFINITE_METRIC] = count_nonfinite((loss_sum, True), (grad_norm, True))
     return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
 # ---- the loop ----------------------------------------------------------------------------------
 
 
-def validate_config(config, process_count=1, modes=MODES):
+def validate_config(config, modes=MODES):
     """Check every field before any work; returns the mesh."""
     from cpe_jax import config as cfg
 
@@ -362,40 +324,39 @@ def validate_config(config, process_count=1, modes=MODES):
     micro = config.micro_batch_size or config.batch_size
     cfg.check(config.batch_size % micro == 0, "micro_batch_size",
               f"{micro} does not divide batch_size {config.batch_size}")
-    cfg.check(config.batch_size % process_count == 0, "batch_size",
-              f"{config.batch_size} is not divisible by the {process_count} hosts")
     mesh = cfg.make_mesh_from_config(config)
     cfg.check_divisible_by_mesh(config, "batch_size", mesh)
     return mesh
 
 
-class SFTTrainer:
+class SFTTrainer(TrainLoop):
     """Builds the model, optimizer, data and jitted step from a config; `run()` trains with resume.
 
     Other objectives on the same loop (DPO) subclass it and override the hooks `validate`,
     `load_examples`, `loss` and `collate`; batches may hold arrays of any rank with a leading batch axis.
+
+    Every host holds every row and collates the whole global batch of a step (token ids are
+    small); each device then takes its rows of it. So global batch s is the same rows in the same
+    order on 1, 2 or 64 hosts, and a run resumed on a slice of another shape continues the same stream.
     """
 
     def __init__(self, config, workdir):
         import cpe_jax
-        from cpe_jax.checkpoints import TrainCheckpointer
-        from cpe_jax.metrics import MetricsWriter
-        from cpe_jax.sharding import logical_sharding
+        from cpe_jax.sharding import logical_sharding, replicated
         from cpe_jax.tokenizer import load_tokenizer, pad_token_id
 
-        self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.config, self.workdir = config, os.path.abspath(workdir)
+        self.progress_desc = f"sft {config.mode}"
         self.mesh = self.validate()
         os.makedirs(self.workdir, exist_ok=True)
         self.tokenizer_dir = config.tokenizer or config.model
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
 
         self.examples = self.load_examples()
-        self.local_batch = config.batch_size // self.process_count
-        self.steps_per_epoch = len(self.examples) // self.local_batch
+        self.steps_per_epoch = len(self.examples) // config.batch_size
         if self.steps_per_epoch == 0:
             raise UserError(f"config field batch_size: {config.batch_size} is larger than the "
-                            f"{len(self.examples) * self.process_count} rows of {config.data.path}")
+                            f"{len(self.examples)} rows of {config.data.path}")
         truncated = sum(e.truncated for e in self.examples)
         if truncated:
             log.warning("%d of %d rows are longer than max_length=%d and were truncated",
@@ -413,37 +374,29 @@ class SFTTrainer:
 
             model = BTRewardModel.from_policy(model)
         self.graphdef, params = nnx.split(model)
-        self.tx, self.schedule = make_optimizer(_with_total(config, self.total_steps))
+        self.tx, self.schedule = make_optimizer(with_total_steps(config, self.total_steps))
         opt_state = init_opt_state(self.tx, params, self.mesh)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         state = TrainState(params=params, opt_state=opt_state,
-                           step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
-        self.state_sharding = jax.tree.map(lambda x: x.sharding, state)
-
-        self.checkpointer = TrainCheckpointer(os.path.join(self.workdir, "checkpoints"),
-                                              keep=config.keep_checkpoints)
-        if self.checkpointer.latest_step() is not None:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            state, extra = self.checkpointer.restore(abstract)
+                           step=jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh)))
+        self.state_sharding = shardings_of(state)
+        extra = self.start_checkpoints(self.workdir, state, keep=config.keep_checkpoints)
+        if extra is not None:
             self._check_resumable(extra)
-            log.info("resumed from step %d", int(state.step))
-        self.state = state
 
         num_micro = config.batch_size // (config.micro_batch_size or config.batch_size)
         step_fn = partial(train_step, self.graphdef, self.tx, self.schedule, self.loss(), num_micro)
-        self._batch_sharding = logical_sharding(self.mesh, ("batch",))  # any rank: later axes replicated
-        self._step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(self.state_sharding, self._batch_sharding),
-                             out_shardings=(self.state_sharding, replicated))
+        self.batch_sharding = logical_sharding(self.mesh, ("batch",))  # any rank: later axes replicated
+        self._step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(self.state_sharding, self.batch_sharding),
+                             out_shardings=(self.state_sharding, replicated(self.mesh)))
         self._compiled_widths = set()
-        self.metrics = MetricsWriter(self.workdir, resume_step=self.step)
 
     # -- hooks for other objectives --
     def validate(self):
         """Check the config before any work; returns the mesh."""
-        return validate_config(self.config, self.process_count)
+        return validate_config(self.config)
 
     def load_examples(self):
-        return load_examples(self.config, self.tokenizer, self.process_index, self.process_count)
+        return load_examples(self.config, self.tokenizer)
 
     def loss(self):
         """The step's objective: a LOSSES key or a (loss_sum_fn, count_key) pair (see `train_step`)."""
@@ -452,15 +405,10 @@ class SFTTrainer:
     def collate(self, rows):
         return collate(rows, self.config.mode, self.config.bucket_size, self.config.max_length, self.pad_id)
 
-    @property
-    def step(self):
-        return int(self.state.step)
-
     def _data_signature(self):
         c = self.config
         return {"mode": c.mode, "data_path": os.path.abspath(c.data.path), "seed": int(c.seed),
-                "batch_size": int(c.batch_size), "max_length": int(c.max_length),
-                "process_count": self.process_count}
+                "batch_size": int(c.batch_size), "max_length": int(c.max_length)}
 
     def _check_resumable(self, extra):
         """Resuming with another data order would silently differ from an uninterrupted run."""
@@ -472,73 +420,50 @@ class SFTTrainer:
                                 f"in {self.checkpointer.directory} (use a new --workdir)")
 
     def batch_for_step(self, step):
-        """This host's rows of global batch `step`: epoch step // steps_per_epoch, in that epoch's order."""
+        """The rows of global batch `step` (epoch step // steps_per_epoch, in that epoch's order)
+        and their host arrays, the same on every host."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = epoch_order(self.config.seed, epoch, len(self.examples))
-        rows = [self.examples[i] for i in order[index * self.local_batch:(index + 1) * self.local_batch]]
+        size = self.config.batch_size
+        rows = [self.examples[i] for i in order[index * size:(index + 1) * size]]
         return rows, self.collate(rows)
 
-    def _global(self, host_batch):
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self._batch_sharding, x), host_batch)
+    def place(self, batch):
+        """A global batch (the same host arrays on every host) as arrays split over the batch axes:
+        each host copies only the rows of its own devices."""
+        return jax.tree.map(lambda x: jax.device_put(x, self.batch_sharding), batch)
 
     def train_one_step(self):
         step = self.step
-        rows, host_batch = self.batch_for_step(step)
-        width = next(iter(host_batch.values())).shape[1]
+        rows, batch = self.batch_for_step(step)
+        width = next(iter(batch.values())).shape[1]
         if width not in self._compiled_widths:
             self._compiled_widths.add(width)
             log.info("compiling the train step for width %d", width)
         start = time.perf_counter()
         with jax.set_mesh(self.mesh):
-            self.state, metrics = self._step(self.state, self._global(host_batch))
+            self.state, metrics = self._step(self.state, self.place(batch))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - start
-        masks = [v for k, v in host_batch.items() if k.endswith("mask")]
-        metrics["tokens_per_s"] = sum(float(m.sum()) for m in masks) * self.process_count / elapsed
+        masks = [v for k, v in batch.items() if k.endswith("mask")]
+        metrics["tokens_per_s"] = sum(float(m.sum()) for m in masks) / elapsed
         metrics["truncated_rows"] = sum(e.truncated for e in rows)
         metrics["epoch"] = step // self.steps_per_epoch
         return step + 1, metrics
 
-    def save(self, force=False):
-        extra = {"data": self._data_signature(), "step": self.step,
-                 "data_position": {"epoch": self.step // self.steps_per_epoch,
-                                   "batch": self.step % self.steps_per_epoch},
-                 "config": json.loads(self.config.to_json_best_effort())}
-        self.checkpointer.save(self.step, self.state, extra=extra, force=force)
+    def checkpoint_extra(self):
+        return {"data": self._data_signature(), "step": self.step,
+                "data_position": {"epoch": self.step // self.steps_per_epoch,
+                                  "batch": self.step % self.steps_per_epoch},
+                "config": json.loads(self.config.to_json_best_effort())}
 
-    def run(self, progress=True, on_step=None):
-        """Train to `total_steps` (or until SIGTERM); checkpoints every `save_every` steps and at the end.
-
-        `on_step(step, metrics)` is called after each step. Returns the last finished step.
-        """
-        from cpe_jax.checkpoints import PreemptionGuard
-        from cpe_jax.metrics import progress_bar
-
-        config = self.config
-        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"sft {config.mode}", enabled=progress)
-        with PreemptionGuard() as guard:
-            while self.step < self.total_steps and not guard.requested:
-                step, metrics = self.train_one_step()
-                self.metrics.write(step, metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if on_step is not None:
-                    on_step(step, metrics)
-                if step % config.save_every == 0 or step == self.total_steps or guard.requested:
-                    self.save(force=True)
-            bar.close()
-            if guard.requested:
-                log.warning("SIGTERM: saved step %d, exiting", self.step)
-        self.checkpointer.wait()
-        if self.step >= self.total_steps:
-            self.save_final(os.path.join(self.workdir, "final"))
-        return self.step
-
-    def save_final(self, out_dir):
-        """The trained model as a standalone checkpoint with the tokenizer files (bt: a reward model)."""
+    def save_final(self, out_dir=None):
+        """The trained model as a standalone checkpoint with the tokenizer files (bt: a reward
+        model), in `workdir/final` unless `out_dir` says otherwise."""
         from cpe_jax.checkpoints import save_model
         from cpe_jax.models.heads import save_value_model
 
+        out_dir = out_dir or os.path.join(self.workdir, "final")
         model = nnx.merge(self.graphdef, self.state.params)
         if self.config.mode == "bt":
             save_value_model(model, out_dir, tokenizer_dir=self.tokenizer_dir, kind="reward")
@@ -546,17 +471,6 @@ class SFTTrainer:
             model.generation_config = self.generation_config
             save_model(model, out_dir, tokenizer_dir=self.tokenizer_dir)
         log.info("wrote %s", out_dir)
-
-    def close(self):
-        self.metrics.close()
-        self.checkpointer.close()
-
-
-def _with_total(config, total_steps):
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.total_steps = total_steps
-    return config
 
 
 def main(argv):
@@ -567,9 +481,6 @@ def main(argv):
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("cpe_jax").setLevel(logging.INFO)  # ours at INFO; Orbax's chatter stays quiet
     trainer = SFTTrainer(config, workdir)
-    try:
-        step = trainer.run(progress=config.get("progress", True))
-    finally:
-        trainer.close()
+    step = trainer.run(progress=config.get("progress", True))
     print(f"stopped at step {step} of {trainer.total_steps}; workdir {workdir}")
     return 0

@@ -14,6 +14,8 @@ from cpe_jax.models.heads import ValueModel
 from cpe_jax.models.qwen2.model import Qwen2Config, Qwen2ForCausalLM
 from cpe_jax.models.qwen2.params import param_sharding
 from cpe_jax.sharding import make_mesh, shard_batch
+from cpe_jax.train.optim import init_opt_state
+from cpe_jax.train.state import TrainState
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
 CONFIG = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -68,7 +70,7 @@ def sft_setup():
     def run(mesh):
         placed = _place(params, mesh)
         with jax.set_mesh(mesh):
-            state = sft.TrainState(params=placed, opt_state=sft.init_opt_state(tx, placed, mesh),
+            state = TrainState(params=placed, opt_state=init_opt_state(tx, placed, mesh),
                                    step=jnp.zeros((), jnp.int32))
             step = jax.jit(partial(sft.train_step, graphdef, tx, optax.constant_schedule(0.5), "lm", 2))
             new_state, metrics = step(state, shard_batch(mesh, batch))
@@ -93,7 +95,8 @@ def test_sft_step_is_mesh_invariant(sft_setup, shape):
 
 @pytest.fixture(scope="module")
 def ppo_setup():
-    from cpe_jax.rl.trainer import StepSettings, TrainState, train_step
+    from cpe_jax.rl.update import StepSettings, train_step
+    from cpe_jax.train.state import ActorCriticState
 
     policy = Qwen2ForCausalLM(CONFIG, rngs=nnx.Rngs(1))
     critic = ValueModel.from_policy(Qwen2ForCausalLM(CONFIG, rngs=nnx.Rngs(1)), rngs=nnx.Rngs(2))
@@ -129,7 +132,7 @@ def ppo_setup():
     def run(mesh):
         with jax.set_mesh(mesh):
             p, c = _place(policy_state, mesh), _place(critic_state, mesh)
-            state = TrainState(policy=p, critic=c, ref={}, policy_opt=sgd.init(p), critic_opt=sgd.init(c),
+            state = ActorCriticState(policy=p, critic=c, ref={}, policy_opt=sgd.init(p), critic_opt=sgd.init(c),
                                kl_coef=jnp.zeros(()), step=jnp.zeros((), jnp.int32))
             step = jax.jit(partial(train_step, policy_graphdef, critic_graphdef, sgd, sgd, settings))
             return step(state, shard_batch(mesh, batch), jax.random.key(3))

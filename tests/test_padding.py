@@ -126,7 +126,7 @@ def _pad_variants(shape, seed=0):
 
 @pytest.mark.parametrize("with_mesh", [False, True])
 def test_trainer_logprobs_equal_transformers_whatever_the_pad_ids(default_model, with_mesh):
-    from cpe_jax.rl.trainer import response_logprobs
+    from cpe_jax.rl.update import response_logprobs
 
     path, hf = default_model
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}) if with_mesh else None

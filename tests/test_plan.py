@@ -17,6 +17,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from cpe_jax import plan
 from cpe_jax.errors import UserError
+from cpe_jax.train.state import TrainState
 from cpe_jax.models.qwen2.model import Qwen2Config, Qwen2ForCausalLM
 
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -88,7 +89,7 @@ def test_sft_plan_matches_compiled_memory_analysis(rows, length, vocab):
     cfg = tiny(vocab_size=vocab)
     graphdef, params = nnx.split(Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     tx = optax.adamw(1e-3)
-    state = sft.TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+    state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
     batch = {"tokens": jnp.zeros((rows, length), jnp.int32), "mask": jnp.ones((rows, length), bool),
              "targets": jnp.ones((rows, length), bool)}
     step = jax.jit(partial(sft.train_step, graphdef, tx, optax.constant_schedule(1e-3), "lm", 1), donate_argnums=(0,))
@@ -216,7 +217,7 @@ def _ppo_case(vocab, hidden, layers, prompt, response, edit_prompt, prompts, rol
 def _optimizer(lr):
     import ml_collections
 
-    from cpe_jax.sft import make_optimizer
+    from cpe_jax.train.optim import make_optimizer
 
     fields = dict(lr=lr, warmup_steps=0, total_steps=10, grad_clip=1.0, weight_decay=0.01)
     return make_optimizer(ml_collections.ConfigDict(fields), "constant")[0]
@@ -225,14 +226,14 @@ def _optimizer(lr):
 def _abstract_train_state(model, config):
     """(graphdefs and optimizers, abstract TrainState) as `rl.trainer.Trainer` builds them."""
     from cpe_jax.models.heads import ValueModel
-    from cpe_jax.rl.trainer import TrainState
+    from cpe_jax.train.state import ActorCriticState
 
     p = config.ppo
     policy_graphdef, policy = nnx.split(nnx.eval_shape(lambda: Qwen2ForCausalLM(model, rngs=nnx.Rngs(0))))
     critic_graphdef, critic = nnx.split(nnx.eval_shape(lambda: ValueModel(model, rngs=nnx.Rngs(0))))
     kl_on = bool(p.kl_coef) and (p.kl_in_reward or p.kl_loss)
     policy_tx, critic_tx = _optimizer(1e-6), _optimizer(1e-5)
-    state = TrainState(policy=policy, critic=critic, ref=policy if kl_on else {},
+    state = ActorCriticState(policy=policy, critic=critic, ref=policy if kl_on else {},
                        policy_opt=jax.eval_shape(policy_tx.init, policy),
                        critic_opt=jax.eval_shape(critic_tx.init, critic),
                        kl_coef=jax.ShapeDtypeStruct((), jnp.float32), step=jax.ShapeDtypeStruct((), jnp.int32))
@@ -240,7 +241,7 @@ def _abstract_train_state(model, config):
 
 
 def _step_settings(config):
-    from cpe_jax.rl.trainer import StepSettings
+    from cpe_jax.rl.update import StepSettings
 
     p, r, e = config.ppo, config.rollout, config.edit
     kl_on = bool(p.kl_coef) and (p.kl_in_reward or p.kl_loss)
@@ -268,8 +269,8 @@ def _abstract_rollout_batch(config):
 
 
 def compiled_train_step_bytes(model, config):
-    """XLA's memory figure of `rl.trainer.train_step`, jitted with the state donated as the trainer does."""
-    from cpe_jax.rl.trainer import train_step
+    """XLA's memory figure of `rl.update.train_step`, jitted with the state donated as the trainer does."""
+    from cpe_jax.rl.update import train_step
 
     fixed, state = _abstract_train_state(model, config)
     step = jax.jit(partial(train_step, *fixed, _step_settings(config)), donate_argnums=(0,))

@@ -194,7 +194,7 @@ def test_policy_loss_matches_loop(agg, eps_low, eps_high, dual_c):
     np.testing.assert_allclose(metrics["clip_fraction"], (clipped > unclipped)[m > 0].mean(),
                                rtol=1e-6)
     log_ratio = (d["logprobs"] - d["old_logprobs"])[m > 0]
-    np.testing.assert_allclose(metrics["approx_kl"], np.mean(np.exp(log_ratio) - 1 - log_ratio),
+    np.testing.assert_allclose(metrics["ppo_kl"], np.mean(np.exp(log_ratio) - 1 - log_ratio),
                                rtol=1e-5)
 
 
@@ -287,7 +287,7 @@ def test_cpe_policy_loss_is_one_aggregation_over_originals_and_edits(agg):
     np.testing.assert_allclose(loss, aggregate_reference(tokens, m, agg), rtol=1e-5, atol=1e-6)
     want_fraction = m[is_edit].sum() / m.sum()
     np.testing.assert_allclose(metrics["edit_token_fraction"], want_fraction, rtol=1e-6)
-    assert np.isfinite(metrics["orig/approx_kl"]) and np.isfinite(metrics["edit/ratio_mean"])
+    assert np.isfinite(metrics["orig/ppo_kl"]) and np.isfinite(metrics["edit/ratio_mean"])
 
 
 # ---------------------------------------------------------------------------------------- critic

@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 
 from cpe_jax import sft
+from cpe_jax.train.optim import init_opt_state, make_optimizer, with_total_steps
+from cpe_jax.train.state import TrainState
 from cpe_jax.cli import main as cli_main
 from cpe_jax.config import parse_config_flags
 from cpe_jax.metrics import MetricsWriter, read_metrics
@@ -141,14 +143,14 @@ def test_micro_batches_give_the_same_update(setup):
     for num_micro in (1, 4):
         model = cpe_jax.load_model(model_dir, mesh=mesh)
         graphdef, params = nnx.split(model)
-        tx, schedule = sft.make_optimizer(sft._with_total(config, 10))
-        opt_state = sft.init_opt_state(tx, params, mesh)
+        tx, schedule = make_optimizer(with_total_steps(config, 10))
+        opt_state = init_opt_state(tx, params, mesh)
         # Adam's moments are sharded like the parameters they follow (not replicated)
         moments = opt_state[1][0].mu
         assert moments["layers"][0]["mlp"]["gate_kernel"].get_value().sharding == \
             params["layers"][0]["mlp"]["gate_kernel"].get_value().sharding
         with jax.set_mesh(mesh):
-            state = sft.TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+            state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
             sharded = jax.device_put(batch, logical_sharding(mesh, ("batch", None)))
             step = jax.jit(lambda s, b: sft.train_step(graphdef, tx, schedule, "lm", num_micro, s, b))
             state, metrics = step(state, sharded)
@@ -229,11 +231,13 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
     np.testing.assert_array_equal(a, sft.epoch_order(0, 0, 10))
 
 
-def test_hosts_read_disjoint_shares(tmp_path):
+def test_every_host_reads_every_row_with_its_line(tmp_path):
+    """The global batch is cut from all rows on every host, so each host reads the whole file."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"i": i}) + "\n\n" for i in range(5)))
-    shares = [[row["i"] for _, row in sft.read_rows(str(data), p, 2)] for p in range(2)]
-    assert shares == [[0, 2, 4], [1, 3]]
+    rows = sft.read_rows(str(data))
+    assert [row["i"] for _, row in rows] == [0, 1, 2, 3, 4]
+    assert [where for where, _ in rows] == [f"{data}:{line}" for line in (1, 3, 5, 7, 9)]
 
 
 @pytest.mark.parametrize("line, message", [

@@ -160,7 +160,8 @@ def test_update_invariant_to_micro_batches_padding_and_devices(policy_dir, tmp_p
     import dataclasses
     from functools import partial
 
-    from cpe_jax.rl.trainer import Trainer, train_step
+    from cpe_jax.rl.trainer import Trainer
+    from cpe_jax.rl.update import train_step
     from cpe_jax.sharding import make_mesh, shard_batch
 
     config = smoke_config(policy_dir, total_steps=1)

@@ -7,7 +7,7 @@ the generated parts, once per step, and everything else happens inside one jitte
     policy sample -> [GRM prefix | response | GRM suffix + "<critique>\\n"] -> GRM samples a critique
     -> expected scores on [GRM prompt | critique | "\\n</critique>\\n<scores>\\n"] (the reward)
     -> [edit prefix | response | edit middle | critique | edit suffix] -> policy samples the edit
-    -> GRM critique + expected scores of the edit -> select_edits -> `train_step`
+    -> GRM critique + expected scores of the edit -> select_edits -> `rl.update.train_step`
 
 Prompts are assembled at the TOKEN level: the pieces are concatenated along time and a stable sort
 of the validity mask moves every row's valid tokens to the right end (a left-padded prompt).
@@ -42,7 +42,10 @@ from cpe_jax.data.prompts import DIMENSIONS
 from cpe_jax.errors import UserError
 from cpe_jax.reward.flax_grm import SCORES_OPENING, ScoreTokenTables, build_score_tables, expected_scores
 from cpe_jax.reward.grm import check_weights, combine_scores
+from cpe_jax.rl.batch import (edit_selection_metrics, host_floats, rollout_sample_configs, row_keys, score_metrics,
+                              stream_key)
 from cpe_jax.rl.edits import select_edits
+from cpe_jax.rl.update import train_step
 from cpe_jax.rl.rollout import left_pad, prompt_row_name
 from cpe_jax.sampling import SampleConfig, sample
 from cpe_jax.tokenizer import apply_chat_template, check_token_ids
@@ -160,18 +163,17 @@ def fused_rollout(policy_graphdef, grm_graphdef, fs: FusedSettings, policy_state
     row_ids = pieces["row_ids"].astype(jnp.uint32)
 
     def keys(stream):  # per-row keys as in the host rollout: a row's samples ignore the batch
-        return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, stream), i))(row_ids)
+        return row_keys(rng, stream, row_ids)
 
     prompt = (pieces["prompt_tokens"], pieces["prompt_mask"])
     grm_prefix = (pieces["grm_prefix_tokens"], pieces["grm_prefix_mask"])
     grm_suffix = (pieces["grm_suffix_tokens"], pieces["grm_suffix_mask"])
-    orig = sample(policy_graphdef, policy_state, *prompt, keys(0), fs.policy_sample)
+    orig = sample(policy_graphdef, policy_state, *prompt, keys("rollout"), fs.policy_sample)
     orig_scores, critique, critique_mask, orig_prefix, orig_prefix_mask = judge(
         grm_graphdef, grm_state, tables, fs, fs.critique_sample, grm_prefix, orig.tokens, orig.mask,
-        grm_suffix, keys(4))
+        grm_suffix, keys("critique"))
     b, r = orig.tokens.shape
-    metrics = {f"orig/{k}": jnp.mean(v) for k, v in orig_scores.items()}
-    metrics["orig/length"] = jnp.mean(jnp.sum(orig.mask, axis=1))
+    metrics = score_metrics("orig", orig_scores, jnp.ones((b,), bool), orig.mask)
     metrics["orig/stopped_frac"] = jnp.mean(orig.stopped)
     metrics["grm/failure_rate"] = jnp.zeros(())  # expected scores cannot fail to parse
     metrics["grm/critique_length"] = jnp.mean(jnp.sum(critique_mask, axis=1))
@@ -200,28 +202,21 @@ def fused_rollout(policy_graphdef, grm_graphdef, fs: FusedSettings, policy_state
         ], pad)
         edit_prompt, edit_prompt_mask, edit_truncated = keep_last(edit_prompt, edit_prompt_mask,
                                                                   fs.edit_prompt_length, pad)
-        edit = sample(policy_graphdef, policy_state, edit_prompt, edit_prompt_mask, keys(1), fs.edit_sample)
+        edit = sample(policy_graphdef, policy_state, edit_prompt, edit_prompt_mask, keys("edit"), fs.edit_sample)
         edit_scores, _, _, edit_prefix, edit_prefix_mask = judge(
             grm_graphdef, grm_state, tables, fs, fs.edit_critique_sample, grm_prefix, edit.tokens, edit.mask,
-            grm_suffix, keys(5))
+            grm_suffix, keys("edit_critique"))
         edit_valid = jnp.sum(critique_mask, axis=1) > 0  # as on the host: no critique, no edit
         keep_edit = select_edits(
             fs.strategy, rewards_orig=orig_scores["reward"], rewards_edit=edit_scores["reward"],
-            question_ids=pieces["question_ids"], ratio=fs.ratio, key=jax.random.fold_in(rng, 2),
+            question_ids=pieces["question_ids"], ratio=fs.ratio, key=stream_key(rng, "edit_selection"),
             valid_orig=jnp.ones((b,), bool), valid_edit=edit_valid,
         )
         batch.update(edit_prompt_tokens=edit_prompt, edit_prompt_mask=edit_prompt_mask, edit_tokens=edit.tokens,
                      edit_mask=edit.mask, edit_sampler_logprobs=edit.logprobs,
                      edit_rewards=edit_scores["reward"].astype(jnp.float32), keep_edit=keep_edit)
-        n_valid = jnp.maximum(jnp.sum(edit_valid), 1)
-        for k, v in edit_scores.items():
-            metrics[f"edit/{k}"] = jnp.sum(jnp.where(edit_valid, v, 0.0)) / n_valid
-        metrics["edit/length"] = jnp.mean(jnp.sum(edit.mask, axis=1))
-        metrics["edit/selected"] = jnp.sum(keep_edit)
-        metrics["edit/selected_frac"] = jnp.mean(keep_edit)
-        metrics["edit/invalid_frac"] = 1.0 - jnp.mean(edit_valid)
-        metrics["edit/selected_reward"] = (jnp.sum(jnp.where(keep_edit, edit_scores["reward"], 0.0))
-                                           / jnp.maximum(jnp.sum(keep_edit), 1))
+        metrics.update(score_metrics("edit", edit_scores, edit_valid, edit.mask))
+        metrics.update(edit_selection_metrics(keep_edit, edit_valid, edit_scores["reward"]))
         metrics["data/truncated_edit_prompts"] = jnp.sum(edit_truncated)
         extras.update(edit_prefix=edit_prefix, edit_prefix_mask=edit_prefix_mask, edit_prompt=edit_prompt,
                       edit_prompt_mask=edit_prompt_mask, edit_rewards=edit_scores["reward"])
@@ -239,12 +234,10 @@ def fused_step(policy_graphdef, critic_graphdef, grm_graphdef, policy_tx, critic
     with_samples: also return the rollout's tokens (responses, critiques, edits, the GRM prefixes
     that were scored, rewards) for logging and inspection.
     """
-    from cpe_jax.rl.trainer import train_step
-
     batch, metrics, extras = fused_rollout(policy_graphdef, grm_graphdef, fs, state.policy, grm_state, tables,
                                            pieces, rng)
     state, train_metrics = train_step(policy_graphdef, critic_graphdef, policy_tx, critic_tx, settings, state,
-                                      batch, jax.random.fold_in(rng, 3))
+                                      batch, stream_key(rng, "update"))
     metrics.update(train_metrics)
     if not with_samples:
         return state, metrics
@@ -344,7 +337,7 @@ class FusedCPEStep:
 
     def __init__(self, trainer):
         import cpe_jax
-        from cpe_jax.rl.trainer import _replicated
+        from cpe_jax.sharding import replicated
         from cpe_jax.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
 
         config = trainer.config
@@ -363,9 +356,7 @@ class FusedCPEStep:
         policy_eos = eos_token_ids(trainer.tokenizer, config.policy, vocab_size)
         pad_id = pad_token_id(trainer.tokenizer, vocab_size, policy_eos)
         grm_eos = eos_token_ids(grm_tokenizer, g.path, grm_model.config.vocab_size)
-        policy_sample = SampleConfig(max_new_tokens=r.max_response_length, temperature=float(r.temperature),
-                                     top_p=float(r.top_p), top_k=int(r.top_k), eos_token_ids=policy_eos,
-                                     pad_token_id=pad_id)
+        policy_sample, edit_sample = rollout_sample_configs(config, policy_eos, pad_id)
         critique = SampleConfig(max_new_tokens=int(g.max_tokens), temperature=float(g.critique_temperature),
                                 eos_token_ids=grm_eos, pad_token_id=pad_id)
         self.encoder = PieceEncoder(trainer.tokenizer, grm_tokenizer, language=config.language,
@@ -375,7 +366,7 @@ class FusedCPEStep:
                                     data_path=config.data.path)
         self.settings = FusedSettings(
             policy_sample=policy_sample,
-            edit_sample=dataclasses.replace(policy_sample, temperature=float(e.get("temperature", r.temperature))),
+            edit_sample=edit_sample,
             critique_sample=critique,
             edit_critique_sample=dataclasses.replace(critique, temperature=float(g.temperature)),
             critique_close=tuple(_encode(grm_tokenizer, CRITIQUE_CLOSE)),
@@ -395,8 +386,7 @@ class FusedCPEStep:
             return step(tables, state, grm_state, pieces, rng)
 
         self._step = jax.jit(traced, donate_argnums=(0,),
-                             out_shardings=(trainer.state_sharding, _replicated(self.mesh), _replicated(self.mesh)))
-        self.n_params = trainer.policy_config.num_parameters
+                             out_shardings=(trainer.state_sharding, replicated(self.mesh), replicated(self.mesh)))
         self.last_samples = None  # the latest step's rollout tokens (device arrays), see `fused_step`
 
     def pieces(self, examples, row_ids):
@@ -406,21 +396,18 @@ class FusedCPEStep:
         return shard_batch(self.mesh, pieces), truncated
 
     def run(self, state, examples, row_ids, step_key):
-        """One step: (state, metrics as floats). The only host work is tokenizing the fixed text."""
+        """One step: (state, metrics as floats, with `time/step` and `rollout/generated_tokens`).
+        The only host work is tokenizing the fixed text."""
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):
             pieces, truncated = self.pieces(examples, row_ids)
             t_encode = time.perf_counter() - t0
             state, metrics, self.last_samples = self._step(state, self.grm_state, self.tables, pieces, step_key)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics = host_floats(metrics)
         total = time.perf_counter() - t0
         metrics["data/truncated_prompts"] = truncated["prompt"]
         metrics["data/truncated_grm_prefixes"] = truncated["grm_prefix"]
         metrics["data/truncated_edit_prefixes"] = truncated["edit_prefix"]
         metrics["time/encode"] = t_encode
         metrics["time/step"] = total
-        generated = metrics["rollout/generated_tokens"]
-        metrics["perf/tokens_per_s"] = (generated + metrics["train/tokens"]) / total
-        epochs = self.config.ppo.epochs
-        metrics["perf/flops"] = 2 * self.n_params * generated + 12 * self.n_params * metrics["train/tokens"] * epochs
         return state, metrics

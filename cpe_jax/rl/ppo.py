@@ -61,7 +61,7 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     return jnp.where(mask.astype(bool), whitened, 0.0)
 
 
-def aggregate(loss, mask, agg="token-mean"):
+def aggregate(loss, mask, agg="token-mean", weights=None):
     """Reduce a per-token `loss` [batch, time] to a scalar.
 
     - "token-mean": sum over all valid tokens / number of valid tokens (every token weighs the
@@ -70,8 +70,14 @@ def aggregate(loss, mask, agg="token-mean"):
     - "seq-mean-token-mean": per-row mean, averaged over rows that have at least one valid token.
     Fully masked rows (e.g. edits that were not selected) never count, so padding rows and padding
     columns do not change the value.
+
+    `weights` [batch, time] (from `token_weights` of a larger batch) replaces the reduction by
+    sum(loss * weights) over the masked tokens: the parts of a batch split into micro-batches then
+    add up to the whole batch's aggregate, which is what gradient accumulation needs.
     """
-    mask = mask.astype(bool)
+    mask = jnp.asarray(mask).astype(bool)
+    if weights is not None:
+        return masked_sum(loss * weights, mask)
     if agg == "token-mean":
         return masked_mean(loss, mask)
     row_tokens = jnp.sum(mask, axis=-1)
@@ -82,6 +88,24 @@ def aggregate(loss, mask, agg="token-mean"):
     else:
         raise UserError(f"loss aggregation (loss_agg) must be one of {AGG_MODES}, got {agg!r}")
     return masked_mean(per_row, row_tokens > 0)
+
+
+def token_weights(mask, agg):
+    """Per-token weights whose weighted sum over the batch equals `aggregate(loss, mask, agg)`.
+
+    Computed from a whole mini-batch first, they make gradient accumulation over any micro-batch
+    split (and any data-parallel split) give exactly the same update.
+    """
+    mask = jnp.asarray(mask).astype(jnp.float32)
+    if agg == "token-mean":
+        return mask / jnp.maximum(mask.sum(), 1.0)
+    row_tokens = mask.sum(axis=1, keepdims=True)
+    rows = jnp.maximum((row_tokens[:, 0] > 0).sum(), 1.0)
+    if agg == "seq-mean-token-sum":
+        return mask / rows
+    if agg == "seq-mean-token-mean":
+        return mask / jnp.maximum(row_tokens, 1.0) / rows
+    raise UserError(f"loss aggregation (loss_agg) must be one of {AGG_MODES}, got {agg!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +204,7 @@ def _policy_metrics(parts, mask):
         "clip_fraction": masked_mean(parts["clipped"].astype(jnp.float32), mask),
         "dual_clip_fraction": masked_mean(parts["dual_clipped"].astype(jnp.float32), mask),
         # k3 estimate of KL(old || new) from tokens sampled under old: non-negative, low variance.
-        "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
+        "ppo_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
         "ratio_mean": masked_mean(parts["ratio"], mask),
     }
 
@@ -194,7 +218,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps_low=0.2, c
     at -A*c. An epsilon of None leaves that side unclipped.
 
     logprobs, old_logprobs, advantages, mask: [batch, time]. Returns (scalar loss, metrics dict of
-    scalars: clip_fraction, dual_clip_fraction, approx_kl, ratio_mean).
+    scalars: clip_fraction, dual_clip_fraction, ppo_kl, ratio_mean).
     """
     if dual_clip_c is not None and dual_clip_c <= 1.0:
         raise UserError(f"dual_clip_c must be > 1, got {dual_clip_c}")
@@ -237,7 +261,7 @@ def edited_policy_loss(logprobs, edit_logprobs, advantages, mask, *, clip_eps_lo
 
 def cpe_policy_loss(logprobs, old_logprobs, edit_logprobs, advantages, mask, is_edit, *,
                     clip_eps_low=0.2, clip_eps_high=0.2, dual_clip_c=None, edit_clip_eps_low=None,
-                    edit_clip_eps_high=None, agg="token-mean"):
+                    edit_clip_eps_high=None, agg="token-mean", weights=None):
     """One loss over originals and edits: PPO-clip on originals, -A*pi_theta/pi_e on edits.
 
     Both per-token losses are computed for every row and the row's `is_edit` flag picks one, then
@@ -245,8 +269,8 @@ def cpe_policy_loss(logprobs, old_logprobs, edit_logprobs, advantages, mask, is_
     token weighs exactly as much as an original token.
 
     logprobs, old_logprobs, edit_logprobs, advantages, mask: [batch, time] (edit_logprobs is only
-    read on edit rows, old_logprobs only on original rows); is_edit: bool [batch].
-    Returns (scalar loss, metrics): the policy metrics of originals and of edits apart
+    read on edit rows, old_logprobs only on original rows); is_edit: bool [batch]; weights: see
+    `aggregate`. Returns (scalar loss, metrics): the policy metrics of originals and of edits apart
     (prefixes "orig/" and "edit/") and the token share of edits.
     """
     if dual_clip_c is not None and dual_clip_c <= 1.0:
@@ -259,7 +283,7 @@ def cpe_policy_loss(logprobs, old_logprobs, edit_logprobs, advantages, mask, is_
     edit_loss, edit_parts = edited_token_losses(
         logprobs, edit_logprobs, advantages, mask & edit_rows, clip_eps_low=edit_clip_eps_low,
         clip_eps_high=edit_clip_eps_high)
-    loss = aggregate(jnp.where(edit_rows, edit_loss, orig_loss), mask, agg)
+    loss = aggregate(jnp.where(edit_rows, edit_loss, orig_loss), mask, agg, weights)
     metrics = {f"orig/{k}": v for k, v in _policy_metrics(orig_parts, mask & ~edit_rows).items()}
     edit_metrics = _policy_metrics(edit_parts, mask & edit_rows)
     metrics.update({f"edit/{k}": v for k, v in edit_metrics.items()})
@@ -272,12 +296,12 @@ def cpe_policy_loss(logprobs, old_logprobs, edit_logprobs, advantages, mask, is_
 # Critic
 
 
-def value_loss(values, old_values, returns, mask, clip=0.5, agg="token-mean"):
+def value_loss(values, old_values, returns, mask, clip=0.5, agg="token-mean", weights=None):
     """Clipped value loss: 0.5 * max((v - R)^2, (v_old + clip(v - v_old, -c, c) - R)^2).
 
     The clip keeps the critic from moving its prediction more than `clip` per update; `clip=None`
-    gives the plain squared error. values, old_values, returns, mask: [batch, time].
-    Returns (scalar loss, metrics: value_clip_fraction).
+    gives the plain squared error. values, old_values, returns, mask: [batch, time]; weights: see
+    `aggregate`. Returns (scalar loss, metrics: value_clip_fraction).
     """
     mask = jnp.asarray(mask).astype(bool)
     unclipped = jnp.square(values - returns)
@@ -287,7 +311,7 @@ def value_loss(values, old_values, returns, mask, clip=0.5, agg="token-mean"):
         moved = old_values + jnp.clip(values - old_values, -clip, clip)
         clipped_error = jnp.square(moved - returns)
         per_token, clipped = jnp.maximum(unclipped, clipped_error), clipped_error > unclipped
-    loss = 0.5 * aggregate(per_token, mask, agg)
+    loss = 0.5 * aggregate(per_token, mask, agg, weights)
     return loss, {"value_clip_fraction": masked_mean(clipped.astype(jnp.float32), mask)}
 
 

@@ -6,19 +6,18 @@ train step. Shapes are static (prompt and response lengths come from the config)
 steps never recompile.
 """
 
-import dataclasses
 import importlib
 import logging
 import time
 
-import jax
 import numpy as np
 
 from cpe_jax.data import prompts as templates
 from cpe_jax.errors import UserError
 from cpe_jax.reward.grm import GRMScorer, require_answers
+from cpe_jax.rl.batch import (RolloutBatch, edit_selection_metrics, host_floats, rollout_sample_configs, row_keys,
+                              score_metrics, stream_key)
 from cpe_jax.rl.edits import select_edits
-from cpe_jax.sampling import SampleConfig
 from cpe_jax.tokenizer import apply_chat_template, check_token_ids
 
 log = logging.getLogger(__name__)
@@ -86,16 +85,6 @@ def build_judge(grm_config):
     raise UserError(f"config field grm.type: {kind!r} is not one of python, http, flax")
 
 
-@dataclasses.dataclass
-class RolloutBatch:
-    """Fixed-shape arrays for the train step plus host-side text for metrics and logs."""
-
-    arrays: dict
-    metrics: dict
-    responses: list
-    edited: list
-
-
 def prompt_row_name(path, example):
     """How an error names a training prompt: its data file and row number (question_id)."""
     return f"{path or 'data'}: prompt row {example['question_id']}"
@@ -111,18 +100,7 @@ class Rollout:
         self.tokenizer = tokenizer
         self.scorer = scorer
         self.pad_id = int(pad_id)
-        r = config.rollout
-        self.sample_config = SampleConfig(
-            max_new_tokens=r.max_response_length,
-            temperature=float(r.temperature),
-            top_p=float(r.top_p),
-            top_k=int(r.top_k),
-            eos_token_ids=tuple(eos_ids),
-            pad_token_id=self.pad_id,
-        )
-        self.edit_sample_config = dataclasses.replace(
-            self.sample_config, temperature=float(config.edit.get("temperature", r.temperature))
-        )
+        self.sample_config, self.edit_sample_config = rollout_sample_configs(config, eos_ids, self.pad_id)
         self.engine = None  # built on the first step, when the policy's parameters and mesh are known
 
     def _generate(self, state, tokens, mask, keys, sample_config, mesh):
@@ -176,10 +154,8 @@ class Rollout:
             check_token_ids(ids, self.vocab_size, prompt_row_name(cfg.data.path, ex))
         prompt_tokens, prompt_mask, truncated = left_pad(prompt_ids, cfg.rollout.max_prompt_length, self.pad_id)
         metrics["data/truncated_prompts"] = truncated
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, 0), i))(
-            np.asarray(row_ids, np.uint32)
-        )
-        result = self._generate(policy_state, prompt_tokens, prompt_mask, keys, self.sample_config, mesh)
+        result = self._generate(policy_state, prompt_tokens, prompt_mask, row_keys(step_key, "rollout", row_ids),
+                                self.sample_config, mesh)
         responses = self._decode(result.tokens, result.mask)
         timings["time/generate"] = time.perf_counter() - t0
 
@@ -214,10 +190,8 @@ class Rollout:
                                                     f"the edit prompt of {prompt_row_name(cfg.data.path, ex)}"))
             edit_prompt_tokens, edit_prompt_mask, truncated = left_pad(edit_prompts, edit_prompt_len, self.pad_id)
             metrics["data/truncated_edit_prompts"] = truncated
-            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, 1), i))(
-                np.asarray(row_ids, np.uint32)
-            )
-            edit = self._generate(policy_state, edit_prompt_tokens, edit_prompt_mask, keys, self.edit_sample_config, mesh)
+            edit = self._generate(policy_state, edit_prompt_tokens, edit_prompt_mask, row_keys(step_key, "edit", row_ids),
+                                  self.edit_sample_config, mesh)
             edit_tokens, edit_mask, edit_logprobs = edit.tokens, edit.mask, edit.logprobs
             edited = self._decode(edit_tokens, edit_mask)
             timings["time/edit_generate"] = time.perf_counter() - t0
@@ -238,19 +212,15 @@ class Rollout:
                     rewards_edit=np.nan_to_num(edit_rewards).astype(np.float32),
                     question_ids=np.asarray([ex["question_id"] for ex in examples], np.int32),
                     ratio=float(cfg.edit.ratio),
-                    key=jax.random.fold_in(step_key, 2),
+                    key=stream_key(step_key, "edit_selection"),
                     valid_orig=orig.valid,
                     valid_edit=edit_valid,
                 )
             )
-            metrics.update(_score_metrics("edit", scored_edits.scores, edit_valid, edit_mask))
-            metrics["edit/selected"] = int(keep_edit.sum())
-            metrics["edit/selected_frac"] = float(keep_edit.mean())
-            metrics["edit/invalid_frac"] = float(1 - edit_valid.mean())
-            if keep_edit.any():
-                metrics["edit/selected_reward"] = float(np.mean(edit_rewards[keep_edit]))
+            metrics.update(host_floats(score_metrics("edit", scored_edits.scores, edit_valid, edit_mask)))
+            metrics.update(host_floats(edit_selection_metrics(keep_edit, edit_valid, edit_rewards)))
 
-        metrics.update(_score_metrics("orig", orig.scores, orig.valid, result.mask))
+        metrics.update(host_floats(score_metrics("orig", orig.scores, orig.valid, result.mask)))
         metrics["grm/failure_rate"] = orig.num_invalid / max(len(orig), 1)  # parse failures only
         metrics["grm/row_errors"] = len(orig) - int(orig.answered.sum())  # refused by the server, masked
         metrics["orig/stopped_frac"] = float(result.stopped.mean())
@@ -273,9 +243,3 @@ class Rollout:
         )
         return RolloutBatch(arrays=arrays, metrics=metrics, responses=responses, edited=edited)
 
-
-def _score_metrics(prefix, scores, valid, mask):
-    out = {f"{prefix}/length": float(np.asarray(mask).sum(axis=1).mean())}
-    for name, values in scores.items():
-        out[f"{prefix}/{name}"] = float(np.mean(values[valid])) if valid.any() else float("nan")
-    return out

@@ -1,14 +1,16 @@
-"""PPO with Critique-Post-Edit: train state, the jitted train step, and the resumable loop.
+"""PPO with Critique-Post-Edit: the prompt stream, config validation and the trainer.
 
 One step:  rollout (jit) -> GRM score + critique (host judge) -> edit rollout (jit) -> GRM score
-(host) -> select edits -> `train_step` (ONE jit: log-probs, values, pi_e, rewards, GAE, PPO
-mini-batch epochs with gradient accumulation, donated state, explicit shardings).
+(host) -> select edits -> `rl.update.train_step` (ONE jit: log-probs, values, pi_e, rewards, GAE,
+PPO mini-batch epochs with gradient accumulation, donated state, explicit shardings). With a
+Flax GRM and `grm.fused`, `rl.fused` runs all of it as one jit. The loop (checkpoints, resume,
+SIGTERM, stops, metrics) is `cpe_jax.train.loop`.
 
-Randomness is `fold_in(key(seed), step)` and the data position is saved with every checkpoint, so
-a resumed run reproduces an uninterrupted one exactly.
+Randomness is `fold_in(key(seed), step)` split into the named streams of `rl.batch.RNG_STREAMS`,
+and the data position is saved with every checkpoint, so a resumed run reproduces an
+uninterrupted one exactly.
 """
 
-import dataclasses
 import logging
 import os
 import time
@@ -17,276 +19,19 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx, struct
+from flax import nnx
 
-from cpe_jax.errors import JudgeUnavailable, UserError
+from cpe_jax.errors import UserError
 from cpe_jax.rl import ppo
-from cpe_jax.rl.edits import build_training_rows
+from cpe_jax.rl.batch import host_floats, step_flops, stream_key
+from cpe_jax.rl.update import settings_from_config, train_step
+from cpe_jax.train.loop import TrainLoop
 
 log = logging.getLogger(__name__)
 
 # Peak dense bf16 FLOP/s per chip, for the MFU estimate (None: unknown device, no MFU).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
-
-
-@struct.dataclass
-class TrainState:
-    policy: nnx.State
-    critic: nnx.State
-    ref: nnx.State  # an empty dict when KL is off (no reference model is kept)
-    policy_opt: optax.OptState
-    critic_opt: optax.OptState
-    kl_coef: jax.Array
-    step: jax.Array
-
-
-# ---- per-token quantities from the models ----------------------------------------------------
-
-
-def response_logprobs(graphdef, state, tokens, attention_mask, prompt_length, response_length,
-                      return_entropy=False):
-    """Log-probs [B, R] of the response tokens tokens[:, P:P+R] given everything before them."""
-    from cpe_jax.models.qwen2.model import positions_from_mask
-
-    model = nnx.merge(graphdef, state)
-    logits, _ = model(tokens, positions_from_mask(attention_mask), None, attention_mask)
-    logits = logits[:, prompt_length - 1: prompt_length + response_length - 1]
-    targets = tokens[:, prompt_length: prompt_length + response_length]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logprobs = chosen - logz
-    if return_entropy:
-        return logprobs, ppo.entropy_from_logits(logits)
-    return logprobs
-
-
-def response_values(graphdef, state, tokens, attention_mask, prompt_length, response_length):
-    """Critic values [B, R] of the states before each response token (verl's alignment)."""
-    from cpe_jax.models.qwen2.model import positions_from_mask
-
-    critic = nnx.merge(graphdef, state)
-    values = critic(tokens, positions_from_mask(attention_mask), attention_mask)
-    return values[:, prompt_length - 1: prompt_length + response_length - 1]
-
-
-def _micro_batches(tree, n):
-    """Split the leading axis into n equal micro-batches: [B, ...] -> [n, B/n, ...]."""
-    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
-
-
-def _map_micro(fn, tree, n):
-    """Apply fn over n micro-batches sequentially (bounded memory) and re-concatenate."""
-    out = jax.lax.map(fn, _micro_batches(tree, n))
-    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
-
-
-# ---- the train step --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """Static settings of the train step (hashable: part of the jit cache key)."""
-
-    prompt_length: int
-    response_length: int
-    edit_prompt_length: int
-    num_mini_batches: int
-    micro_batch_size: int
-    epochs: int
-    clip_eps_low: float
-    clip_eps_high: float
-    dual_clip_c: float
-    edit_clip_eps_low: float
-    edit_clip_eps_high: float
-    value_clip: float
-    gamma: float
-    lam: float
-    whiten_advantages: bool
-    loss_agg: str
-    entropy_coef: float
-    kl_in_reward: bool
-    kl_loss: bool
-    kl_kind: str
-    pi_e_source: str  # "recompute" or "sampler"
-
-
-def token_weights(mask, agg):
-    """Per-token weights whose weighted sum equals `ppo.aggregate(loss, mask, agg)` over the batch.
-
-    Computing weights from the whole mini-batch first makes gradient accumulation over any
-    micro-batch split (and any data-parallel split) give exactly the same update.
-    """
-    mask = mask.astype(jnp.float32)
-    if agg == "token-mean":
-        return mask / jnp.maximum(mask.sum(), 1.0)
-    row_tokens = mask.sum(axis=1, keepdims=True)
-    rows = jnp.maximum((row_tokens[:, 0] > 0).sum(), 1.0)
-    if agg == "seq-mean-token-sum":
-        return mask / rows
-    if agg == "seq-mean-token-mean":
-        return mask / jnp.maximum(row_tokens, 1.0) / rows
-    raise UserError(f"config field ppo.loss_agg: {agg!r} is not one of {ppo.AGG_MODES}")
-
-
-def count_nonfinite(*pairs):
-    """How many entries of the (values, mask) pairs are NaN or infinite where the mask is set:
-    one such log-prob or value poisons every update it reaches, so the run must stop on it."""
-    total = jnp.zeros((), jnp.int32)
-    for values, mask in pairs:
-        total = total + jnp.sum((~jnp.isfinite(values)) & (mask > 0)).astype(jnp.int32)
-    return total
-
-
-def train_step(policy_graphdef, critic_graphdef, policy_tx, critic_tx, settings: StepSettings,
-               state: TrainState, batch: dict, rng):
-    """(state, rollout batch, key) -> (new state, metrics). Pure; jitted by `Trainer`."""
-    s = settings
-    rows = build_training_rows(
-        batch["prompt_tokens"], batch["prompt_mask"], batch["orig_tokens"], batch["orig_mask"],
-        batch["edit_tokens"], batch["edit_mask"], batch["keep_edit"], orig_keep=batch["orig_valid"],
-    )
-    tokens, attn, resp_mask = rows.tokens, rows.attention_mask, rows.response_mask.astype(jnp.float32)
-    n_rows = tokens.shape[0]
-    micro = max(n_rows // s.micro_batch_size, 1) if s.micro_batch_size else 1
-    P, R = s.prompt_length, s.response_length
-
-    # Log-probs under the policy that sampled (old), values, pi_e and the reference.
-    def old_quantities(mb):
-        lp = response_logprobs(policy_graphdef, state.policy, mb["tokens"], mb["attn"], P, R)
-        v = response_values(critic_graphdef, state.critic, mb["tokens"], mb["attn"], P, R)
-        return lp, v
-
-    old_logprobs, old_values = _map_micro(old_quantities, {"tokens": tokens, "attn": attn}, micro)
-    old_logprobs = jax.lax.stop_gradient(old_logprobs)
-
-    n_orig = batch["orig_tokens"].shape[0]
-    if s.pi_e_source == "recompute":
-        edit_rows = jnp.concatenate([batch["edit_prompt_tokens"], batch["edit_tokens"]], axis=1)
-        edit_attn = jnp.concatenate([batch["edit_prompt_mask"], batch["edit_mask"]], axis=1)
-        edit_micro = max(n_orig // s.micro_batch_size, 1) if s.micro_batch_size else 1
-        pi_e = _map_micro(
-            lambda mb: response_logprobs(policy_graphdef, state.policy, mb[0], mb[1], s.edit_prompt_length, R),
-            (edit_rows, edit_attn), edit_micro,
-        )
-    else:
-        pi_e = batch["edit_sampler_logprobs"].astype(jnp.float32)
-    edit_logprobs = jnp.concatenate([old_logprobs[:n_orig], pi_e], axis=0)
-
-    rewards_row = jnp.concatenate([batch["orig_rewards"], batch["edit_rewards"]])
-    token_rewards = ppo.last_token_rewards(rewards_row, resp_mask)
-    metrics = {}
-    use_ref = s.kl_in_reward or s.kl_loss
-    if use_ref:
-        ref_logprobs = _map_micro(
-            lambda mb: response_logprobs(policy_graphdef, state.ref, mb["tokens"], mb["attn"], P, R),
-            {"tokens": tokens, "attn": attn}, micro,
-        )
-        kl = ppo.kl_penalty(old_logprobs, ref_logprobs, s.kl_kind)
-        metrics["kl/ref"] = ppo.masked_mean(kl, resp_mask)
-        if s.kl_in_reward:
-            token_rewards = token_rewards - state.kl_coef * jnp.where(resp_mask > 0, kl, 0.0)
-    else:
-        ref_logprobs = old_logprobs
-
-    advantages, returns = ppo.gae(token_rewards, old_values, resp_mask, s.gamma, s.lam)
-    if s.whiten_advantages:
-        advantages = ppo.masked_whiten(advantages, resp_mask)
-    metrics["critic/explained_variance"] = ppo.explained_variance(old_values, returns, resp_mask)
-    metrics["critic/values"] = ppo.masked_mean(old_values, resp_mask)
-    metrics["critic/returns"] = ppo.masked_mean(returns, resp_mask)
-
-    data = dict(tokens=tokens, attn=attn, mask=resp_mask, is_edit=rows.is_edit,
-                old_logprobs=old_logprobs, edit_logprobs=edit_logprobs, ref_logprobs=ref_logprobs,
-                advantages=advantages, returns=returns, old_values=old_values)
-
-    def losses(policy, critic, mb, weights, kl_coef):
-        logprobs, entropy = response_logprobs(policy_graphdef, policy, mb["tokens"], mb["attn"], P, R,
-                                              return_entropy=True)
-        orig_loss, orig_parts = ppo.ppo_token_losses(
-            logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], clip_eps_low=s.clip_eps_low,
-            clip_eps_high=s.clip_eps_high, dual_clip_c=s.dual_clip_c,
-        )
-        edit_loss = ppo.edited_token_losses(
-            logprobs, mb["edit_logprobs"], mb["advantages"], mb["mask"],
-            clip_eps_low=s.edit_clip_eps_low, clip_eps_high=s.edit_clip_eps_high,
-        )
-        edit_loss = edit_loss[0] if isinstance(edit_loss, tuple) else edit_loss
-        token_loss = jnp.where(mb["is_edit"][:, None], edit_loss, orig_loss)
-        if s.entropy_coef:
-            token_loss = token_loss - s.entropy_coef * entropy
-        if s.kl_loss:
-            token_loss = token_loss + kl_coef * ppo.kl_penalty(logprobs, mb["ref_logprobs"], s.kl_kind)
-        policy_loss = jnp.sum(jnp.where(weights > 0, token_loss, 0.0) * weights)
-
-        values = response_values(critic_graphdef, critic, mb["tokens"], mb["attn"], P, R)
-        clipped = mb["old_values"] + jnp.clip(values - mb["old_values"], -s.value_clip, s.value_clip)
-        v_err = jnp.maximum((values - mb["returns"]) ** 2, (clipped - mb["returns"]) ** 2)
-        value_loss = 0.5 * jnp.sum(v_err * weights)
-
-        w = weights
-        stats = {
-            "actor/pg_loss": policy_loss,
-            "critic/value_loss": value_loss,
-            "actor/entropy": jnp.sum(entropy * w),
-            "actor/clip_frac": jnp.sum(jnp.where(mb["is_edit"][:, None], 0.0, orig_parts["clipped"]) * w),
-            "actor/ppo_kl": jnp.sum(jnp.where(mb["is_edit"][:, None], 0.0, mb["old_logprobs"] - logprobs) * w),
-            "critic/value_clip_frac": jnp.sum((jnp.abs(values - mb["old_values"]) > s.value_clip) * w),
-        }
-        return policy_loss + value_loss, stats
-
-    grad_fn = jax.grad(losses, argnums=(0, 1), has_aux=True)
-
-    def mini_batch_update(carry, mb):
-        policy, critic, policy_opt, critic_opt = carry
-        weights = token_weights(mb["mask"], s.loss_agg)
-
-        def accumulate(acc, micro_mb):
-            (g_policy, g_critic), stats = grad_fn(policy, critic, micro_mb, micro_mb["weights"], state.kl_coef)
-            return jax.tree.map(jnp.add, acc, ((g_policy, g_critic), stats)), None
-
-        mb = dict(mb, weights=weights)
-        rows_per_mb = mb["tokens"].shape[0]
-        n_micro = max(rows_per_mb // s.micro_batch_size, 1) if s.micro_batch_size else 1
-        zeros = jax.tree.map(jnp.zeros_like, (policy, critic))
-        zero_stats = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                  jax.eval_shape(lambda: grad_fn(policy, critic, jax.tree.map(lambda x: x[:1], mb), mb["weights"][:1], state.kl_coef)[1]))
-        (grads, stats), _ = jax.lax.scan(accumulate, (zeros, zero_stats), _micro_batches(mb, n_micro))
-        g_policy, g_critic = grads
-        stats["actor/grad_norm"] = optax.global_norm(g_policy)
-        stats["critic/grad_norm"] = optax.global_norm(g_critic)
-        updates, policy_opt = policy_tx.update(g_policy, policy_opt, policy)
-        policy = optax.apply_updates(policy, updates)
-        updates, critic_opt = critic_tx.update(g_critic, critic_opt, critic)
-        critic = optax.apply_updates(critic, updates)
-        return (policy, critic, policy_opt, critic_opt), stats
-
-    carry = (state.policy, state.critic, state.policy_opt, state.critic_opt)
-    all_stats = []
-    for epoch in range(s.epochs):
-        perm = jax.random.permutation(jax.random.fold_in(rng, epoch), n_rows)
-        shuffled = jax.tree.map(lambda x: x[perm], data)
-        carry, stats = jax.lax.scan(mini_batch_update, carry, _micro_batches(shuffled, s.num_mini_batches))
-        all_stats.append(stats)
-    policy, critic, policy_opt, critic_opt = carry
-    stats = jax.tree.map(lambda *x: jnp.mean(jnp.concatenate([jnp.atleast_1d(v) for v in x])), *all_stats)
-    metrics.update(stats)
-    edit_mask = batch["edit_mask"]
-    checked = [(old_logprobs, resp_mask), (old_values, resp_mask), (pi_e, edit_mask)]
-    for name, mask in (("orig_sampler_logprobs", batch["orig_mask"]), ("edit_sampler_logprobs", edit_mask)):
-        if name in batch:  # the sampler's own log-probs, when the rollout passes them on
-            checked.append((batch[name], mask))
-    if use_ref:
-        checked.append((ref_logprobs, resp_mask))
-    checked += [(v, jnp.ones(v.shape, bool)) for v in stats.values()]  # losses and gradient norms
-    metrics["numerics/nonfinite"] = count_nonfinite(*checked)
-    metrics["actor/advantages"] = ppo.masked_mean(advantages, resp_mask)
-    metrics["train/tokens"] = resp_mask.sum()
-    metrics["train/rows"] = (resp_mask.sum(axis=1) > 0).sum()
-    new_state = state.replace(policy=policy, critic=critic, policy_opt=policy_opt,
-                              critic_opt=critic_opt, step=state.step + 1)
-    return new_state, metrics
 
 
 # ---- prompts -----------------------------------------------------------------------------------
@@ -367,6 +112,8 @@ def validate_config(config, num_devices):
               f"{p.micro_batch_size} does not divide the {rows_per_mb} rows of a mini-batch")
     check(p.loss_agg in ppo.AGG_MODES, "ppo.loss_agg", f"{p.loss_agg!r} is not one of {ppo.AGG_MODES}")
     check(p.kl_kind in ppo.KL_KINDS, "ppo.kl_kind", f"{p.kl_kind!r} is not one of {ppo.KL_KINDS}")
+    check(p.get("kl_target", 0.0) >= 0, "ppo.kl_target", "must be >= 0 (0 = a fixed kl_coef)")
+    check(p.get("kl_horizon", 1.0) > 0, "ppo.kl_horizon", "must be > 0")
     check(config.edit.pi_e in ("recompute", "sampler"), "edit.pi_e", "must be 'recompute' or 'sampler'")
     check(config.grm.type in ("python", "http", "flax", "bt"), "grm.type", "must be python, http, flax or bt")
     check(config.grm.type != "bt" or config.edit.strategy == "none", "edit.strategy",
@@ -390,26 +137,26 @@ def validate_config(config, num_devices):
     return mesh
 
 
-# ---- the loop ------------------------------------------------------------------------------------
+# ---- the trainer ---------------------------------------------------------------------------------
 
 
-def _state_shardings(tree):
-    return jax.tree.map(lambda x: x.sharding, tree)
+class Trainer(TrainLoop):
+    """Builds models, optimizers and the jitted update from a config; `run()` trains with resume."""
 
-
-class Trainer:
-    """Builds models, optimizers and the jitted step from a config; `run()` trains with resume."""
+    progress_desc = "cpe train"
+    progress_metric = "orig/reward"
 
     def __init__(self, config, workdir):
         import cpe_jax
-        from cpe_jax.checkpoints import TrainCheckpointer
-        from cpe_jax.metrics import MetricsWriter
         from cpe_jax.models.heads import ValueModel
         from cpe_jax.rl.rollout import Rollout
-        from cpe_jax.sft import init_opt_state, make_optimizer
+        from cpe_jax.sharding import replicated
         from cpe_jax.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
+        from cpe_jax.train.optim import init_opt_state, make_optimizer, optimizer_fields
+        from cpe_jax.train.state import ActorCriticState, shardings_of
 
         self.config, self.workdir = config, workdir
+        self.total_steps = config.total_steps
         self.mesh = validate_config(config, jax.device_count())
         os.makedirs(workdir, exist_ok=True)
         dtype = config.get("dtype") or None
@@ -427,46 +174,30 @@ class Trainer:
         self.kl_on = bool(p.kl_coef) and (p.kl_in_reward or p.kl_loss)
         ref_state = jax.tree.map(jnp.copy, policy_state) if self.kl_on else {}
 
-        self.policy_tx, self.actor_lr = make_optimizer(_optimizer_fields(config, p.actor_lr), p.lr_schedule)
-        self.critic_tx, self.critic_lr = make_optimizer(_optimizer_fields(config, p.critic_lr), p.lr_schedule)
+        def optimizer(lr):
+            return make_optimizer(optimizer_fields(lr=lr, warmup_steps=p.warmup_steps, total_steps=config.total_steps,
+                                                   grad_clip=p.grad_clip, weight_decay=p.weight_decay), p.lr_schedule)
+
+        self.policy_tx, self.actor_lr = optimizer(p.actor_lr)
+        self.critic_tx, self.critic_lr = optimizer(p.critic_lr)
         with jax.set_mesh(self.mesh):
-            state = TrainState(
+            state = ActorCriticState(
                 policy=policy_state, critic=critic_state, ref=ref_state,
                 policy_opt=init_opt_state(self.policy_tx, policy_state, self.mesh),
                 critic_opt=init_opt_state(self.critic_tx, critic_state, self.mesh),
                 kl_coef=jnp.asarray(p.kl_coef, jnp.float32), step=jnp.zeros((), jnp.int32),
             )
-        state = state.replace(kl_coef=jax.device_put(state.kl_coef, _replicated(self.mesh)),
-                              step=jax.device_put(state.step, _replicated(self.mesh)))
-        self.state_sharding = _state_shardings(state)
-        self.checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-        self.position = 0
-        latest = self.checkpointer.latest_step()
-        if latest is not None:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            state, extra = self.checkpointer.restore(abstract)
-            self.position = int(extra["data_position"])
-            log.info("resumed from step %d (data position %d)", latest, self.position)
-        self.state = state
+        state = state.replace(kl_coef=jax.device_put(state.kl_coef, replicated(self.mesh)),
+                              step=jax.device_put(state.step, replicated(self.mesh)))
+        self.state_sharding = shardings_of(state)
+        extra = self.start_checkpoints(workdir, state, keep=config.keep_checkpoints)
+        self.position = int(extra["data_position"]) if extra is not None else 0
 
-        self.settings = StepSettings(
-            prompt_length=config.rollout.max_prompt_length,
-            response_length=config.rollout.max_response_length,
-            edit_prompt_length=config.edit.max_prompt_length,
-            num_mini_batches=p.prompts_per_step // p.mini_batch_size,
-            micro_batch_size=p.micro_batch_size or 0,
-            epochs=p.epochs,
-            clip_eps_low=p.clip_eps_low, clip_eps_high=p.clip_eps_high,
-            dual_clip_c=p.get("dual_clip_c") or None,
-            edit_clip_eps_low=config.edit.get("clip_eps_low"), edit_clip_eps_high=config.edit.get("clip_eps_high"),
-            value_clip=p.value_clip, gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten_advantages,
-            loss_agg=p.loss_agg, entropy_coef=p.entropy_coef, kl_in_reward=self.kl_on and p.kl_in_reward,
-            kl_loss=self.kl_on and p.kl_loss, kl_kind=p.kl_kind, pi_e_source=config.edit.pi_e,
-        )
+        self.settings = settings_from_config(config, self.kl_on)
         step_fn = partial(train_step, self.policy_graphdef, self.critic_graphdef, self.policy_tx,
                           self.critic_tx, self.settings)
         self._train_step = jax.jit(step_fn, donate_argnums=(0,),
-                                   out_shardings=(self.state_sharding, _replicated(self.mesh)))
+                                   out_shardings=(self.state_sharding, replicated(self.mesh)))
         self.data = PromptStream(config.data, config.language)
         vocab_size = self.policy_config.vocab_size
         eos = eos_token_ids(self.tokenizer, config.policy, vocab_size)
@@ -479,11 +210,17 @@ class Trainer:
         else:
             scorer = build_scorer(config)
             self.rollout = Rollout(config, self.policy_graphdef, self.tokenizer, scorer, eos, pad_id, vocab_size)
-        self.metrics = MetricsWriter(workdir, resume_step=int(self.state.step))
 
-    @property
-    def step(self):
-        return int(self.state.step)
+    def step_rows(self):
+        """(examples, row ids) of this step: each prompt `rollouts_per_prompt` times, with the row
+        ids that seed its samples."""
+        p = self.config.ppo
+        examples, row_ids = [], []
+        for prompt in self.data.take(self.position, p.prompts_per_step):
+            for j in range(p.rollouts_per_prompt):
+                examples.append(prompt)
+                row_ids.append(prompt["question_id"] * p.rollouts_per_prompt + j)
+        return examples, row_ids
 
     def train_one_step(self):
         from cpe_jax.sharding import shard_batch
@@ -492,39 +229,29 @@ class Trainer:
         t_start = time.perf_counter()
         step = self.step
         step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        prompts = self.data.take(self.position, p.prompts_per_step)
-        examples, row_ids = [], []
-        for prompt in prompts:
-            for j in range(p.rollouts_per_prompt):
-                examples.append(prompt)
-                row_ids.append(prompt["question_id"] * p.rollouts_per_prompt + j)
+        examples, row_ids = self.step_rows()
         if self.fused is not None:
             self.state, metrics = self.fused.run(self.state, examples, row_ids, step_key)
-            self.position += p.prompts_per_step
-            metrics.update({"actor/lr": float(self.actor_lr(step)), "critic/lr": float(self.critic_lr(step)),
-                            "data/position": self.position})
-            return self.step, metrics
-        rollout = self.rollout.run(self.state.policy, examples, row_ids, step_key, self.mesh)
-
-        t0 = time.perf_counter()
-        with jax.set_mesh(self.mesh):
-            batch = shard_batch(self.mesh, rollout.arrays)
-            self.state, step_metrics = self._train_step(self.state, batch, jax.random.fold_in(step_key, 3))
-            step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        train_time = time.perf_counter() - t0
+        else:
+            rollout = self.rollout.run(self.state.policy, examples, row_ids, step_key, self.mesh)
+            t0 = time.perf_counter()
+            with jax.set_mesh(self.mesh):
+                batch = shard_batch(self.mesh, rollout.arrays)
+                self.state, step_metrics = self._train_step(self.state, batch, stream_key(step_key, "update"))
+                step_metrics = host_floats(step_metrics)
+            metrics = dict(rollout.metrics)
+            metrics.update(step_metrics)
+            metrics["time/train"] = time.perf_counter() - t0
+            metrics["rollout/generated_tokens"] = float(rollout.arrays["orig_mask"].sum()
+                                                        + rollout.arrays["edit_mask"].sum())
+            metrics["time/step"] = time.perf_counter() - t_start
         self.position += p.prompts_per_step
-
-        metrics = dict(rollout.metrics)
-        metrics.update(step_metrics)
-        metrics["time/train"] = train_time
-        total = time.perf_counter() - t_start
-        metrics["time/step"] = total
-        generated = float(rollout.arrays["orig_mask"].sum() + rollout.arrays["edit_mask"].sum())
-        metrics["perf/tokens_per_s"] = (generated + step_metrics["train/tokens"]) / total
-        n_params = self.policy_config.num_parameters
-        flops = 2 * n_params * generated + 6 * 2 * n_params * step_metrics["train/tokens"] * p.epochs
+        total = metrics["time/step"]
+        generated = metrics["rollout/generated_tokens"]
+        metrics["perf/tokens_per_s"] = (generated + metrics["train/tokens"]) / total
+        flops = step_flops(self.policy_config, generated, metrics["train/tokens"], p.epochs)
         metrics["perf/flops"] = flops
-        peak = self.config.get("peak_flops_per_device") or PEAK_FLOPS.get(jax.devices()[0].device_kind)
+        peak = cfg.get("peak_flops_per_device") or PEAK_FLOPS.get(jax.devices()[0].device_kind)
         if peak:
             metrics["perf/mfu"] = flops / total / (peak * self.mesh.devices.size)
         metrics["actor/lr"] = float(self.actor_lr(step))
@@ -532,70 +259,16 @@ class Trainer:
         metrics["data/position"] = self.position
         return self.step, metrics
 
-    def save(self, force=False):
-        self.checkpointer.save(self.step, self.state, extra={"data_position": self.position}, force=force)
+    def checkpoint_extra(self):
+        return {"data_position": self.position}
 
-    def stop_on_nonfinite(self, step, count):
-        """End the run without saving the broken state: earlier checkpoints stay the latest."""
-        self.checkpointer.wait()
-        latest = self.checkpointer.latest_step()
-        self.metrics.close()
-        resume = f"the latest checkpoint is step {latest}" if latest is not None else "no checkpoint was written"
-        raise UserError(f"step {step}: {int(count)} non-finite log-probs, values or losses "
-                        f"(numerics/nonfinite); stopped without saving this step, {resume}")
+    def save_final(self):
+        from cpe_jax.checkpoints import save_model
 
-    def stop_on_judge_unavailable(self, error):
-        """The GRM gave no answer beyond its retry budget: this step is not trained on. Save the last
-        finished step and end with exit code 3 (JudgeUnavailable); rerunning resumes from it."""
-        self.checkpointer.wait()
-        if self.checkpointer.latest_step() != self.step:
-            self.save(force=True)
-            self.checkpointer.wait()
-        self.metrics.close()
-        raise JudgeUnavailable(f"step {self.step + 1} not trained, checkpoint saved at step {self.step}; "
-                               f"{error.reason}", done=self.step, remaining=self.config.total_steps - self.step,
-                               unit="steps") from None
-
-    def run(self, progress=True):
-        from cpe_jax.checkpoints import PreemptionGuard, save_model
-        from cpe_jax.metrics import progress_bar
-
-        cfg = self.config
-        bar = progress_bar(total=cfg.total_steps, initial=self.step, desc="cpe train", enabled=progress)
-        with PreemptionGuard() as guard:
-            while self.step < cfg.total_steps and not guard.requested:
-                try:
-                    step, metrics = self.train_one_step()
-                except JudgeUnavailable as e:
-                    self.stop_on_judge_unavailable(e)
-                self.metrics.write(step, metrics)
-                if metrics.get("numerics/nonfinite", 0) > 0:
-                    self.stop_on_nonfinite(step, metrics["numerics/nonfinite"])
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics.get('orig/reward', float('nan')):.3f}")
-                if step % cfg.save_every == 0 or step == cfg.total_steps or guard.requested:
-                    self.save(force=True)
-            bar.close()
-            if guard.requested:
-                log.warning("SIGTERM: saved step %d, exiting", self.step)
-        self.checkpointer.wait()
-        if self.step >= cfg.total_steps:
-            policy = nnx.merge(self.policy_graphdef, self.state.policy)
-            policy.generation_config = None
-            save_model(policy, os.path.join(self.workdir, "final"),
-                       tokenizer_dir=cfg.get("tokenizer") or cfg.policy)
-        self.metrics.close()
-        self.checkpointer.close()
-        return self.step
-
-
-def _optimizer_fields(config, lr):
-    """The fields `sft.make_optimizer` reads, for one of the two PPO optimizers."""
-    import ml_collections
-
-    p = config.ppo
-    return ml_collections.ConfigDict(dict(lr=lr, warmup_steps=p.warmup_steps, total_steps=config.total_steps,
-                                          grad_clip=p.grad_clip, weight_decay=p.weight_decay, min_lr_ratio=0.0))
+        policy = nnx.merge(self.policy_graphdef, self.state.policy)
+        policy.generation_config = None
+        save_model(policy, os.path.join(self.workdir, "final"),
+                   tokenizer_dir=self.config.get("tokenizer") or self.config.policy)
 
 
 def build_scorer(config):
@@ -636,12 +309,6 @@ def build_scorer(config):
     return GRMScorer(build_judge(g), language=config.language, temperature=g.temperature,
                      critique_temperature=g.critique_temperature, weights=weights,
                      max_tokens=g.get("max_tokens", 1024))
-
-
-def _replicated(mesh):
-    from cpe_jax.sharding import replicated
-
-    return replicated(mesh)
 
 
 def main(argv):
@@ -742,4 +409,6 @@ def default_config():
     c.ppo.kl_in_reward = False
     c.ppo.kl_loss = False
     c.ppo.kl_kind = "k3"
+    c.ppo.kl_target = 0.0  # 0: a fixed kl_coef; > 0: the coefficient adapts towards this KL per token
+    c.ppo.kl_horizon = 10000.0  # adaptive KL: rows over which the coefficient moves by up to 20%
     return c
