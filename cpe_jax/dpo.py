@@ -259,8 +259,9 @@ class DPOTrainer(sft.SFTTrainer):
             chunk = self.examples[start:start + chunk_size]
             n = len(chunk)
             chunk = chunk + [self.examples[0]] * (chunk_size - n)
+            tokens = {k: v for k, v in self.collate(chunk).items() if not k.startswith("ref_")}  # not cached yet
             with jax.set_mesh(self.mesh):
-                out = forward(params, self.place(self.collate(chunk)))
+                out = forward(params, self.place(tokens))
             for values, sink in zip(jax.device_get(out), (chosen, rejected)):
                 sink.append(np.asarray(values)[:n])
             bar.update(1)
@@ -271,10 +272,10 @@ class DPOTrainer(sft.SFTTrainer):
 def main(argv):
     """`cpe-jax dpo --config=configs/dpo.py --workdir=DIR [--config.a.b=v ...]`."""
     from cpe_jax.config import parse_config_flags
+    from cpe_jax.train.loop import configure_logging
 
     config, workdir = parse_config_flags(argv, prog="cpe-jax dpo")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("cpe_jax").setLevel(logging.INFO)
+    configure_logging()
     trainer = DPOTrainer(config, workdir)
     step = trainer.run(progress=config.get("progress", True))
     print(f"stopped at step {step} of {trainer.total_steps}; workdir {workdir}")

@@ -25,8 +25,10 @@ import logging
 import os
 import re
 
+import jax
 import numpy as np
 
+from cpe_jax.data.jsonl import write_jsonl_atomic
 from cpe_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -126,17 +128,17 @@ def filter_generations(generations, problems, *, low_percentile=25.0, high_perce
 
 def write_sft_rows(path, kept, problems):
     """SFT JSONL rows {"prompt": messages, "response": CoT, "problem", "answer"} for `cpe-jax sft`."""
-    _write_jsonl(path, [{"prompt": prompt_messages(problems[g["problem"]]), "response": g["text"],
-                         "problem": g["problem"], "answer": problems[g["problem"]]["answer"]} for g in kept])
+    write_jsonl_atomic(path, [{"prompt": prompt_messages(problems[g["problem"]]), "response": g["text"],
+                               "problem": g["problem"], "answer": problems[g["problem"]]["answer"]} for g in kept])
 
 
-def _write_jsonl(path, rows):
-    """Write rows atomically, so a stage's output exists only when complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _hosts_meet(name):
+    """Every host waits here until process 0 has written a stage's file (the workdir of a
+    multi-host run is shared, as Orbax's checkpoints need), so none reads it half-written."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
@@ -178,15 +180,23 @@ def run(config, workdir, *, progress=True):
                               max_operand=d.max_operand))
 
     generations_path = os.path.join(workdir, "generations.jsonl")
-    if not os.path.exists(generations_path):
+    exists = os.path.exists(generations_path)
+    if jax.process_count() > 1:  # generating is collective: every host takes the same branch
+        from jax.experimental import multihost_utils
+
+        exists = bool(np.all(multihost_utils.process_allgather(np.asarray(exists))))
+    if not exists:
         from cpe_jax.config import make_mesh_from_config
 
         g = config.generate
         sampler = Sampler.from_pretrained(config.teacher_assistant, mesh=make_mesh_from_config(config),
                                           dtype=config.dtype or None, max_batch_size=g.batch_size)
         params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed, n=g.n)
-        _write_jsonl(generations_path, generate_cot(sampler, problems, params, progress=progress))
+        generations = generate_cot(sampler, problems, params, progress=progress)
         del sampler
+        if jax.process_index() == 0:
+            write_jsonl_atomic(generations_path, generations)
+        _hosts_meet("micota generations")
     from cpe_jax.data.jsonl import read_jsonl
 
     generations = [row for _, row in read_jsonl(generations_path, "generations file")]
@@ -200,9 +210,11 @@ def run(config, workdir, *, progress=True):
         raise UserError(f"no teacher-assistant answer in {generations_path} is correct and inside the length band; "
                         "check config.teacher_assistant and the filter fields")
     sft_path = os.path.join(workdir, "sft.jsonl")
-    write_sft_rows(sft_path, kept, problems)
-    with open(os.path.join(workdir, "filter_stats.json"), "w") as out:
-        json.dump(stats, out, indent=2)
+    if jax.process_index() == 0:
+        write_sft_rows(sft_path, kept, problems)
+        with open(os.path.join(workdir, "filter_stats.json"), "w") as out:
+            json.dump(stats, out, indent=2)
+    _hosts_meet("micota sft rows")
 
     student_config = config.sft.copy_and_resolve_references()
     with student_config.unlocked():
@@ -217,10 +229,10 @@ def run(config, workdir, *, progress=True):
 def main(argv):
     """`cpe-jax micota --config=configs/micota_cpu.py --workdir=DIR [--config.a.b=v ...]`."""
     from cpe_jax.config import parse_config_flags
+    from cpe_jax.train.loop import configure_logging
 
     config, workdir = parse_config_flags(argv, prog="cpe-jax micota")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("cpe_jax").setLevel(logging.INFO)
+    configure_logging()
     stats = run(config, workdir, progress=config.get("progress", True))
     print(f"kept {stats['kept']} of {stats['generations']} teacher-assistant answers ({stats['correct']} correct); "
           f"student trained to step {stats['student_steps']}; final model {os.path.join(workdir, 'student', 'final')}")

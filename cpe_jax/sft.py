@@ -27,7 +27,7 @@ from cpe_jax.data.jsonl import read_jsonl
 from cpe_jax.errors import UserError
 from cpe_jax.models.logprobs import token_logprobs
 from cpe_jax.train.batching import split_micro
-from cpe_jax.train.loop import NONFINITE_METRIC, TrainLoop
+from cpe_jax.train.loop import NONFINITE_METRIC, TrainLoop, configure_logging
 from cpe_jax.train.numerics import count_nonfinite
 from cpe_jax.train.optim import init_opt_state, make_optimizer, with_total_steps
 from cpe_jax.train.state import TrainState, shardings_of
@@ -478,8 +478,7 @@ def main(argv):
     from cpe_jax.config import parse_config_flags
 
     config, workdir = parse_config_flags(argv, prog="cpe-jax sft")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("cpe_jax").setLevel(logging.INFO)  # ours at INFO; Orbax's chatter stays quiet
+    configure_logging()
     trainer = SFTTrainer(config, workdir)
     step = trainer.run(progress=config.get("progress", True))
     print(f"stopped at step {step} of {trainer.total_steps}; workdir {workdir}")

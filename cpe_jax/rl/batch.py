@@ -4,6 +4,7 @@ FLOP count. One definition each, so the two backends cannot drift apart."""
 
 import dataclasses
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -25,15 +26,16 @@ def row_keys(step_key, stream, row_ids):
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(row_ids, jnp.uint32))
 
 
-@dataclasses.dataclass
+@flax.struct.dataclass
 class RolloutBatch:
-    """The rollout of one step: the update's arrays (`rl.update.train_step`'s batch), metrics, and
-    the responses and edits as text when the backend decoded them (the fused step does not)."""
+    """The rollout of one step, from either backend: the update's arrays (`rl.update.train_step`'s
+    batch) and metrics - host arrays from `rl.rollout.Rollout`, traced ones inside the fused jit -
+    plus the responses and edits as text when the backend decoded them (the fused step does not)."""
 
     arrays: dict
     metrics: dict
-    responses: list = None
-    edited: list = None
+    responses: tuple = flax.struct.field(pytree_node=False, default=None)
+    edited: tuple = flax.struct.field(pytree_node=False, default=None)
 
 
 def rollout_sample_configs(config, eos_token_ids, pad_token_id):

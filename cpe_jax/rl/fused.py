@@ -38,15 +38,16 @@ import numpy as np
 from flax import nnx
 
 from cpe_jax.data import prompts as templates
+from cpe_jax.data.padding import left_pad
 from cpe_jax.data.prompts import DIMENSIONS
 from cpe_jax.errors import UserError
 from cpe_jax.reward.flax_grm import SCORES_OPENING, ScoreTokenTables, build_score_tables, expected_scores
 from cpe_jax.reward.grm import check_weights, combine_scores
-from cpe_jax.rl.batch import (edit_selection_metrics, host_floats, rollout_sample_configs, row_keys, score_metrics,
+from cpe_jax.rl.batch import (RolloutBatch, edit_selection_metrics, host_floats, rollout_sample_configs, row_keys, score_metrics,
                               stream_key)
 from cpe_jax.rl.edits import select_edits
 from cpe_jax.rl.update import train_step
-from cpe_jax.rl.rollout import left_pad, prompt_row_name
+from cpe_jax.rl.rollout import prompt_row_name
 from cpe_jax.sampling import SampleConfig, sample
 from cpe_jax.tokenizer import apply_chat_template, check_token_ids
 
@@ -81,7 +82,7 @@ def concat_pieces(pieces, pad_id=0):
 
 def keep_last(tokens, mask, width, pad_id=0):
     """The last `width` columns of a left-padded batch (longer rows lose their first tokens, as in
-    `rollout.left_pad`); returns (tokens, mask, truncated bool [B])."""
+    `data.padding.left_pad`); returns (tokens, mask, truncated bool [B])."""
     truncated = jnp.sum(mask, axis=1) > width
     if tokens.shape[1] >= width:
         return tokens[:, -width:], mask[:, -width:], truncated
@@ -157,7 +158,7 @@ def fused_rollout(policy_graphdef, grm_graphdef, fs: FusedSettings, policy_state
     """Everything of a CPE step before the PPO update, on tokens; pure and jittable.
 
     pieces: the host-tokenized fixed text per row (see `PieceEncoder.encode`). rng: the step key.
-    Returns (batch for `train_step`, metrics, extras: GRM prefixes and critiques for inspection).
+    Returns (the `RolloutBatch` for `train_step`, extras: GRM prefixes and critiques for inspection).
     """
     pad = fs.policy_sample.pad_token_id
     row_ids = pieces["row_ids"].astype(jnp.uint32)
@@ -223,7 +224,7 @@ def fused_rollout(policy_graphdef, grm_graphdef, fs: FusedSettings, policy_state
         generated = generated + jnp.sum(edit.mask)
     metrics["rollout/generated_tokens"] = generated
     extras["orig_rewards"] = orig_scores["reward"]
-    return batch, metrics, extras
+    return RolloutBatch(arrays=batch, metrics=metrics), extras
 
 
 def fused_step(policy_graphdef, critic_graphdef, grm_graphdef, policy_tx, critic_tx, settings, fs, tables,
@@ -234,8 +235,8 @@ def fused_step(policy_graphdef, critic_graphdef, grm_graphdef, policy_tx, critic
     with_samples: also return the rollout's tokens (responses, critiques, edits, the GRM prefixes
     that were scored, rewards) for logging and inspection.
     """
-    batch, metrics, extras = fused_rollout(policy_graphdef, grm_graphdef, fs, state.policy, grm_state, tables,
-                                           pieces, rng)
+    rollout, extras = fused_rollout(policy_graphdef, grm_graphdef, fs, state.policy, grm_state, tables, pieces, rng)
+    batch, metrics = rollout.arrays, dict(rollout.metrics)
     state, train_metrics = train_step(policy_graphdef, critic_graphdef, policy_tx, critic_tx, settings, state,
                                       batch, stream_key(rng, "update"))
     metrics.update(train_metrics)
@@ -274,11 +275,12 @@ class PieceEncoder:
     """
 
     def __init__(self, policy_tokenizer, grm_tokenizer, *, language, prompt_length, grm_prefix_length,
-                 edit_prefix_length, pad_id, vocab_size, grm_vocab_size, data_path=None):
+                 edit_prefix_length, pad_id, vocab_size, grm_vocab_size, data_path=None, prompt_style="full"):
         self.policy_tokenizer, self.grm_tokenizer = policy_tokenizer, grm_tokenizer
         self.vocab_size, self.grm_vocab_size = int(vocab_size), int(grm_vocab_size)
         self.data_path = data_path
         self.language = language
+        self.prompt_style = prompt_style
         self.prompt_length, self.grm_prefix_length = prompt_length, grm_prefix_length
         self.edit_prefix_length = edit_prefix_length
         self.pad_id = int(pad_id)
@@ -292,7 +294,7 @@ class PieceEncoder:
     def grm_text(self, persona, question):
         """(GRM prompt text before the response, text after it up to the critique's first token)."""
         slot = _SLOT.format("RESPONSE")
-        messages = templates.grm_messages(persona, question, slot, language=self.language)
+        messages = templates.grm_messages(persona, question, slot, language=self.language, style=self.prompt_style)
         prefix, suffix = _split_rendered(self.grm_tokenizer, messages, [slot])
         return prefix, suffix + CRITIQUE_OPENING
 
@@ -363,7 +365,7 @@ class FusedCPEStep:
                                     prompt_length=r.max_prompt_length, grm_prefix_length=g.max_prompt_length,
                                     edit_prefix_length=e.max_prompt_length, pad_id=pad_id,
                                     vocab_size=vocab_size, grm_vocab_size=grm_model.config.vocab_size,
-                                    data_path=config.data.path)
+                                    data_path=config.data.path, prompt_style=g.prompt_style)
         self.settings = FusedSettings(
             policy_sample=policy_sample,
             edit_sample=edit_sample,

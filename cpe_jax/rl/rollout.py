@@ -6,83 +6,22 @@ train step. Shapes are static (prompt and response lengths come from the config)
 steps never recompile.
 """
 
-import importlib
+import json
 import logging
 import time
 
+import jax
 import numpy as np
 
 from cpe_jax.data import prompts as templates
-from cpe_jax.errors import UserError
-from cpe_jax.reward.grm import GRMScorer, require_answers
+from cpe_jax.data.padding import left_pad
+from cpe_jax.reward.grm import GRMBatchResult, GRMScorer, require_answers
 from cpe_jax.rl.batch import (RolloutBatch, edit_selection_metrics, host_floats, rollout_sample_configs, row_keys,
                               score_metrics, stream_key)
 from cpe_jax.rl.edits import select_edits
 from cpe_jax.tokenizer import apply_chat_template, check_token_ids
 
 log = logging.getLogger(__name__)
-
-
-def left_pad(sequences, length, pad_id):
-    """[N, length] tokens and mask, each sequence right-aligned; longer ones keep their last tokens.
-
-    Returns (tokens, mask, number truncated) so truncation is counted, never silent.
-    """
-    tokens = np.full((len(sequences), length), pad_id, np.int32)
-    mask = np.zeros((len(sequences), length), bool)
-    truncated = 0
-    for i, seq in enumerate(sequences):
-        if len(seq) > length:
-            truncated += 1
-            seq = seq[-length:]
-        if len(seq):
-            tokens[i, length - len(seq):] = seq
-            mask[i, length - len(seq):] = True
-    return tokens, mask, truncated
-
-
-def load_callable(spec, what):
-    """Import `module:attribute` (e.g. "cpe_jax.data.persona_world:grm_teacher")."""
-    module_name, _, attr = str(spec).partition(":")
-    if not module_name or not attr:
-        raise UserError(f"{what}={spec!r} must look like 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"{what}={spec!r}: cannot import {module_name} ({e})") from None
-    if not hasattr(module, attr):
-        raise UserError(f"{what}={spec!r}: {module_name} has no attribute {attr!r}")
-    return getattr(module, attr)
-
-
-def build_judge(grm_config):
-    """A ChatJudge from the `grm` config block: python (module:function), http, or a Flax model."""
-    kind = grm_config.type
-    if kind == "python":
-        from cpe_jax.reward.judges import CallableJudge
-
-        return CallableJudge(load_callable(grm_config.judge_fn, "grm.judge_fn"))
-    if kind == "http":
-        from cpe_jax.reward.judges import HTTPJudge
-
-        return HTTPJudge(
-            grm_config.model_name,
-            base_url=grm_config.base_url,
-            api_key_env=grm_config.get("api_key_env", "OPENAI_API_KEY") or None,  # "": a server without a key
-            max_concurrency=grm_config.get("max_concurrency", 8),
-            timeout=grm_config.get("timeout", 60.0),
-            max_retries=grm_config.get("max_retries", 5),
-            backoff_base=grm_config.get("backoff_base", 0.5),
-            max_consecutive_failures=grm_config.get("max_consecutive_failures", 8),
-        )
-    if kind == "flax":
-        import cpe_jax
-        from cpe_jax.reward.flax_grm import FlaxGRMJudge
-        from cpe_jax.tokenizer import load_tokenizer
-
-        model = cpe_jax.load_model(grm_config.path)
-        return FlaxGRMJudge(model, load_tokenizer(grm_config.path), max_tokens=grm_config.max_tokens)
-    raise UserError(f"config field grm.type: {kind!r} is not one of python, http, flax")
 
 
 def prompt_row_name(path, example):
@@ -165,7 +104,7 @@ class Rollout:
                        reference=ex.get("reference"))
                   for ex, r in zip(examples, responses)]
         strategy = cfg.edit.strategy
-        orig = self.scorer.score_for_editing(judged) if strategy != "none" else self.scorer.score(judged)
+        orig = judge_across_hosts(self.scorer.score_for_editing if strategy != "none" else self.scorer.score, judged)
         require_answers(orig, "GRM on the responses")  # no answer: JudgeUnavailable, the step is not trained
         timings["time/judge"] = time.perf_counter() - t0
 
@@ -199,7 +138,7 @@ class Rollout:
             t0 = time.perf_counter()
             judged_edits = [dict(persona=ex["persona"], question=ex["question"], response=r, reference=ex.get("reference"))
                             for ex, r in zip(examples, edited)]
-            scored_edits = self.scorer.score(judged_edits)
+            scored_edits = judge_across_hosts(self.scorer.score, judged_edits)
             require_answers(scored_edits, "GRM on the edits")
             has_critique = np.array([bool(c.strip()) for c in orig.critiques])
             edit_valid = scored_edits.valid & has_critique
@@ -241,5 +180,37 @@ class Rollout:
             edit_rewards=np.nan_to_num(edit_rewards).astype(np.float32),
             keep_edit=keep_edit,
         )
-        return RolloutBatch(arrays=arrays, metrics=metrics, responses=responses, edited=edited)
+        return RolloutBatch(arrays=arrays, metrics=metrics, responses=tuple(responses), edited=tuple(edited))
 
+
+def judge_across_hosts(score, rows) -> GRMBatchResult:
+    """`score(rows)` with the judge calls spread over the hosts: each host judges its own
+    contiguous share of the rows and every host gets every row's judgement back, in row order
+    (edit selection needs all of them, and every host must select the same rows)."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return score(rows)
+    bounds = [len(rows) * h // count for h in range(count + 1)]
+    own = score(rows[bounds[index]:bounds[index + 1]])
+    share = {"scores": {k: np.asarray(v, np.float64).tolist() for k, v in own.scores.items()},
+             "critiques": list(own.critiques), "valid": np.asarray(own.valid).tolist(),
+             "problems": list(own.problems), "outcomes": list(own.outcomes)}
+    shares = _gather_json(share)
+    return GRMBatchResult(
+        scores={k: np.concatenate([np.asarray(s["scores"][k], np.float64) for s in shares]) for k in own.scores},
+        critiques=[c for s in shares for c in s["critiques"]],
+        valid=np.concatenate([np.asarray(s["valid"], bool) for s in shares]),
+        problems=[p for s in shares for p in s["problems"]],
+        outcomes=[o for s in shares for o in s["outcomes"]])
+
+
+def _gather_json(obj):
+    """Every host's `obj` (JSON-serialisable; NaN allowed), in process order, on every host."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(gathered, sizes)]

@@ -25,7 +25,7 @@ from cpe_jax.errors import UserError
 from cpe_jax.rl import ppo
 from cpe_jax.rl.batch import host_floats, step_flops, stream_key
 from cpe_jax.rl.update import settings_from_config, train_step
-from cpe_jax.train.loop import TrainLoop
+from cpe_jax.train.loop import TrainLoop, configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def build_scorer(config):
     scores as text, parsed by `GRMScorer`."""
     from cpe_jax.config import check
     from cpe_jax.reward.grm import GRMScorer
-    from cpe_jax.rl.rollout import build_judge
+    from cpe_jax.reward.judge_factory import judge_from_config
 
     g = config.grm
     mode = g.get("mode", "text")
@@ -305,10 +305,11 @@ def build_scorer(config):
         return FlaxGRMScorer(cpe_jax.load_model(path), load_tokenizer(path), language=config.language,
                              temperature=g.temperature, critique_temperature=g.critique_temperature,
                              weights=weights, max_tokens=g.get("max_tokens", 1024),
-                             max_batch_size=p.prompts_per_step * p.rollouts_per_prompt)
-    return GRMScorer(build_judge(g), language=config.language, temperature=g.temperature,
+                             max_batch_size=p.prompts_per_step * p.rollouts_per_prompt,
+                             prompt_style=g.prompt_style)
+    return GRMScorer(judge_from_config(g), language=config.language, temperature=g.temperature,
                      critique_temperature=g.critique_temperature, weights=weights,
-                     max_tokens=g.get("max_tokens", 1024))
+                     max_tokens=g.get("max_tokens", 1024), prompt_style=g.prompt_style)
 
 
 def main(argv):
@@ -316,7 +317,7 @@ def main(argv):
     from cpe_jax.config import parse_config_flags
 
     config, workdir = parse_config_flags(argv, prog="cpe-jax train")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     trainer = Trainer(config, workdir)
     return 0 if trainer.run() >= 0 else 1
 
@@ -368,6 +369,7 @@ def default_config():
     c.grm.max_consecutive_failures = 8  # http: no-answers in a row before the rest of the batch is not sent
     c.grm.path = ""
     c.grm.mode = "text"  # flax GRM only: "expected" = expected scores over -5..5 (never unreadable)
+    c.grm.prompt_style = "full"  # the GRM prompt: "full" (the paper's rubric) or "compact" (a small GRM's)
     c.grm.max_tokens = 1024
     c.grm.temperature = 0.0  # the reward is judged greedily
     c.grm.critique_temperature = 0.9  # the critique that drives editing is sampled

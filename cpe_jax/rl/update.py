@@ -248,8 +248,8 @@ def train_step(policy_graphdef, critic_graphdef, policy_tx, critic_tx, settings:
         (grads, stats), _ = jax.lax.scan(accumulate, (zeros, zero_stats), split_micro(mb, n_micro))
         stats = {k: v if k in SUMMED else v / n_micro for k, v in stats.items()}
         g_policy, g_critic = grads
-        stats["actor/grad_norm"] = optax.global_norm(g_policy)
-        stats["critic/grad_norm"] = optax.global_norm(g_critic)
+        stats["actor/grad_norm"] = optax.tree.norm(g_policy)
+        stats["critic/grad_norm"] = optax.tree.norm(g_critic)
         updates, policy_opt = policy_tx.update(g_policy, policy_opt, policy)
         policy = optax.apply_updates(policy, updates)
         updates, critic_opt = critic_tx.update(g_critic, critic_opt, critic)

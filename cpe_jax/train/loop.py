@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 NONFINITE_METRIC = "numerics/nonfinite"
 
 
+def configure_logging():
+    """The trainers' log: ours at INFO with timestamps, other libraries' (Orbax's) chatter quiet."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("cpe_jax").setLevel(logging.INFO)
+
+
 class TrainLoop(abc.ABC):
     """Base of the trainers. Subclasses set `self.total_steps` and call `start_checkpoints` once
     their initial state is placed; `run()` then trains to `total_steps` with resume."""
@@ -92,7 +98,7 @@ class TrainLoop(abc.ABC):
                                            f"{metrics[self.progress_metric]:.4f}"})
                     if on_step is not None:
                         on_step(step, metrics)
-                    stop = guard.requested
+                    stop = guard.should_stop(step)
                     if step % save_every == 0 or step == self.total_steps or stop:
                         self.save(force=True)
                 bar.close()
