@@ -37,6 +37,7 @@ from machine import MODEL  # noqa: E402  (benchmarks/machine.py)
 
 PROMPTS, SAMPLES, PROMPT_LEN, SLOTS = 128, 4, 64, 64
 MEDIAN_TOKENS, CAP_TOKENS = 96, 512
+VLLM_MEMORY_FRACTION = 0.2  # of the machine's memory, for vLLM's weights and KV cache (ample here)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -131,8 +132,12 @@ import json, sys, time
 from vllm import LLM, SamplingParams
 path, dtype = sys.argv[1], sys.argv[2]
 job = json.loads(sys.stdin.readline())
+# skip_tokenizer_init: the model directory has no tokenizer (prompts are token ids). On CPU
+# gpu_memory_utilization is the share of the machine's memory vLLM reserves at start-up; its 0.92
+# default fails on a shared machine ("Available memory on node 0 ... is less than desired").
 llm = LLM(model=path, dtype=dtype, max_num_seqs=job["slots"], max_model_len=1024, seed=0,
-          enable_prefix_caching=False)
+          enable_prefix_caching=False, skip_tokenizer_init=True,
+          gpu_memory_utilization=job["memory_fraction"])
 params = [SamplingParams(n=job["n"], max_tokens=m, min_tokens=m, ignore_eos=True, temperature=1.0, seed=0)
           for m in job["lengths"]]
 prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
@@ -152,7 +157,8 @@ def vllm_runner(python, path, dtype, prompts, lengths):
     env.pop("JAX_PLATFORMS", None)
     worker = subprocess.Popen([python, "-c", VLLM_WORKER, path, dtype], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env)
-    worker.stdin.write(json.dumps(dict(prompts=prompts, lengths=lengths, n=SAMPLES, slots=SLOTS)) + "\n")
+    job = dict(prompts=prompts, lengths=lengths, n=SAMPLES, slots=SLOTS, memory_fraction=VLLM_MEMORY_FRACTION)
+    worker.stdin.write(json.dumps(job) + "\n")
     worker.stdin.flush()
     for line in worker.stdout:  # vLLM logs to stderr; its first JSON line says it is ready
         if line.startswith("{"):

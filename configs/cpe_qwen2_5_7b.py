@@ -1,21 +1,7 @@
 """Critique-Post-Edit on Qwen2.5-7B-Instruct with the paper's defaults (random edits, r = 0.5).
 
-    cpe-jax train --config=configs/cpe_qwen2_5_7b.py --workdir=gs://BUCKET/cpe7b \
-        --config.policy=gs://BUCKET/qwen2.5-7b-sft --config.data.path=prompts.jsonl \
-        --config.grm.base_url=http://GRM_HOST:8000/v1 --config.grm.model_name=grm-14b
+The preset ships with the package as cpe_jax/configs/cpe_qwen2_5_7b.py (the one copy to edit); this file
+re-exports it so that `--config=configs/cpe_qwen2_5_7b.py` works from a checkout.
 """
 
-from cpe_jax.rl.trainer import default_config
-
-
-def get_config():
-    c = default_config()  # 128 prompts x 4 rollouts, mini-batch 64, lr 1e-6 / 1e-5, GAE 1/1, no KL
-    c.total_steps = 200
-    c.save_every = 10
-    c.edit.strategy = "random"
-    c.edit.ratio = 0.5
-    c.rollout.max_prompt_length = 2048
-    c.rollout.max_response_length = 2048
-    c.ppo.micro_batch_size = 16
-    c.mesh = {"data": -1, "fsdp": 8, "tensor": 1}
-    return c
+from cpe_jax.configs.cpe_qwen2_5_7b import get_config  # noqa: F401

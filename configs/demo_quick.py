@@ -1,36 +1,7 @@
 """`cpe-jax demo --quick`: the same pipeline as configs/demo_cpu.py, shrunk to a few minutes on a CPU.
 
-Numbers from a quick run show that everything runs end to end; the comparison needs the full demo.
+The preset ships with the package as cpe_jax/configs/demo_quick.py (the one copy to edit); this file
+re-exports it so that `--config=configs/demo_quick.py` works from a checkout.
 """
 
-import importlib.util
-import os
-
-
-def get_config():
-    spec = importlib.util.spec_from_file_location("_demo_cpu", os.path.join(os.path.dirname(__file__), "demo_cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()  # every field is documented in configs/demo_cpu.py
-    c.world.vocab_size = 1024
-    c.world.tokenizer_responses = 200
-    c.world.sft_rows = 192
-    c.world.edit_rows = 64
-    c.world.label_rows = 256
-    c.world.grm_eval_pairs = 16
-    c.world.grm_aspect_pairs = 2  # per aspect: best response vs the same with one flaw
-    c.world.eval_examples = 16
-    c.sft.epochs = 1
-    c.sft.total_steps = 8
-    c.grm.sft.total_steps = 8
-    c.bt.pairs = 64
-    c.bt.sft.total_steps = 4
-    c.grm.max_tokens = 16
-    c.rl.total_steps = 2
-    c.rl.save_every = 2
-    c.rl.ppo.prompts_per_step = 4
-    c.rl.ppo.rollouts_per_prompt = 2
-    c.rl.ppo.mini_batch_size = 4
-    c.rl.rollout.max_response_length = 32
-    c.eval.max_tokens = 32
-    return c
+from cpe_jax.configs.demo_quick import get_config  # noqa: F401

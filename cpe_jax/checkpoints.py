@@ -10,6 +10,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -116,14 +117,19 @@ class TrainCheckpointer:
     `extra` holds what resume needs beyond arrays: data position, RNG seed, the config. `restore`
     places every array straight into the sharding of the abstract state it is given, so a large
     model is never gathered on one host.
+
+    Multi-host: every process creates the checkpointer on the same (shared) directory and calls
+    `save`/`restore` at the same steps; each process writes and reads only its own shards, and
+    process 0 writes the metadata and `extra`. A checkpoint written by N processes restores on
+    any number of processes and any mesh (the abstract state's sharding decides).
     """
 
     def __init__(self, directory, *, keep=3, async_save=True):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.directory = str(_dir(directory))
+        self._manager = ocp.CheckpointManager(_dir(directory), options=options)
 
     def latest_step(self):
         """The newest finished checkpoint's step, or None."""
@@ -135,7 +141,7 @@ class TrainCheckpointer:
     def save(self, step, state, extra=None, *, force=False):
         """Start saving `state` at `step` (returns once the arrays are copied off the devices)."""
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(dict(extra or {}))
+            state=ocp.args.StandardSave(_global_arrays(state)), extra=ocp.args.JsonSave(dict(extra or {}))
         )
         return self._manager.save(int(step), args=args, force=force)
 
@@ -145,7 +151,7 @@ class TrainCheckpointer:
         if step is None:
             raise UserError(f"no training checkpoint in {self.directory}")
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(_global_arrays(abstract_state)), extra=ocp.args.JsonRestore()
         )
         try:
             restored = self._manager.restore(int(step), args=args)
@@ -153,7 +159,7 @@ class TrainCheckpointer:
             raise UserError(
                 f"{self.directory}: checkpoint of step {step} does not match this config ({e})"
             ) from None
-        return restored.state, dict(restored.extra or {})
+        return _placed_like(restored.state, abstract_state), dict(restored.extra or {})
 
     def wait(self):
         """Block until pending asynchronous saves are on disk."""
@@ -164,11 +170,52 @@ class TrainCheckpointer:
         self._manager.close()
 
 
+def _everywhere():
+    """A sharding that replicates over every device of every process."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    return NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+
+
+def _global_arrays(tree):
+    """Orbax saves and restores only global arrays in a multi-process job: a process-local array
+    (e.g. a step counter made outside jit; the same on every host in SPMD code) or its abstract
+    stand-in becomes one replicated over every device. Nothing changes on one process."""
+    if jax.process_count() == 1:
+        return tree
+
+    def widen(x):
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            return jax.make_array_from_process_local_data(_everywhere(), np.asarray(x), x.shape)
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None and x.sharding.is_fully_addressable:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_everywhere())
+        return x
+
+    return jax.tree.map(widen, tree)
+
+
+def _placed_like(restored, abstract_state):
+    """Restored arrays that `_global_arrays` widened, put back on the process-local sharding asked for."""
+    if jax.process_count() == 1:
+        return restored
+
+    def narrow(x, target):
+        sharding = getattr(target, "sharding", None)
+        if isinstance(x, jax.Array) and sharding is not None and sharding.is_fully_addressable:
+            return jax.device_put(x.addressable_data(0), sharding)
+        return x
+
+    return jax.tree.map(narrow, restored, abstract_state)
+
+
 class PreemptionGuard:
     """`with PreemptionGuard() as guard:` a SIGTERM sets `guard.requested` instead of killing us.
 
-    The training loop checks the flag after each step, saves a checkpoint and exits cleanly (a TPU
-    preemption sends SIGTERM with a grace period). Outside the main thread no handler is installed.
+    After each step the loop asks `guard.should_stop(step)`, then saves and exits cleanly when it
+    is True (a TPU preemption sends SIGTERM with a grace period). The answer is agreed by all
+    processes, so when any one host is signalled every host saves the same step and stops; a loop
+    that read `requested` directly could leave hosts taking different branches and hanging in the
+    next collective. Outside the main thread no handler is installed.
     """
 
     def __init__(self, signals=None):
@@ -181,6 +228,23 @@ class PreemptionGuard:
     def request(self, signum=None, frame=None):
         """The signal handler; also callable directly."""
         self.requested = True
+
+    def should_stop(self, step) -> bool:
+        """True when any process has been asked to stop: the same answer on every host.
+
+        Every process must call this once after each step, with the same `step` (checked: hosts
+        at different steps are a bug and raise RuntimeError). On one process it is `requested`;
+        on several it all-gathers (step, flag), one tiny collective per step.
+        """
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        votes = np.asarray(multihost_utils.process_allgather(np.asarray([int(step), int(self.requested)], np.int32)))
+        steps = sorted({int(s) for s in votes[:, 0]})
+        if len(steps) != 1:
+            raise RuntimeError(f"hosts disagree on the step at the preemption check: {steps}")
+        return bool(votes[:, 1].any())
 
     def __enter__(self):
         import signal

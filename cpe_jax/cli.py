@@ -26,10 +26,11 @@ def _cmd_convert(argv):
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (--to-hf)")
     args = p.parse_args(argv)
 
+    import cpe_jax
     from cpe_jax import checkpoints
     from cpe_jax.models.qwen2 import params as qparams
 
-    model = qparams.load_model(args.from_hf or args.from_orbax, dtype=args.dtype, progress=True)
+    model = cpe_jax.load_model(args.from_hf or args.from_orbax, dtype=args.dtype, progress=True)
     if args.to_orbax:
         checkpoints.save_model(model, args.to_orbax)
         print(f"wrote Orbax checkpoint {args.to_orbax}")
@@ -105,7 +106,7 @@ def _cmd_eval(argv):
                    "eval set's PersonaFeedback tier (easy, medium, hard) and category (specific, general), "
                    "for the per-tier and per-category rows (aligned like --responses)")
     p.add_argument("--out", required=True, metavar="DIR")
-    from cpe_jax.reward.label import add_judge_arguments, add_row_error_argument
+    from cpe_jax.reward.judge_factory import add_judge_arguments, add_row_error_argument
 
     add_judge_arguments(p)
     add_row_error_argument(p)
@@ -140,7 +141,7 @@ def _cmd_eval(argv):
     examples = load_eval_set(args.eval_set)
     if args.labels:
         examples = run.apply_labels(examples, args.labels)
-    from cpe_jax.reward.label import judge_from_arguments
+    from cpe_jax.reward.judge_factory import judge_from_arguments
 
     judge, judge_label = judge_from_arguments(args)
     responses = run.read_responses(args.responses, examples) if args.responses else None
@@ -186,18 +187,14 @@ def _cmd_eval(argv):
 def _cmd_sft(argv):
     """`cpe-jax sft --config=configs/sft.py --workdir=DIR [--config.a.b=v ...]` (SFT, GRM distillation, BT RM)."""
     from cpe_jax import sft
-    from cpe_jax.sharding import initialize_distributed
 
-    initialize_distributed()  # multi-host TPU pods; CPE_JAX_DISTRIBUTED=0 turns it off
     return sft.main(argv)
 
 
 def _cmd_train(argv):
     """`cpe-jax train --config=configs/X.py --workdir=DIR [--config.a.b=v ...]` (PPO / CPE)."""
     from cpe_jax.rl.trainer import main
-    from cpe_jax.sharding import initialize_distributed
 
-    initialize_distributed()  # multi-host TPU pods; CPE_JAX_DISTRIBUTED=0 turns it off
     return main(argv)
 
 
@@ -212,13 +209,15 @@ def _cmd_label(argv):
         "got no answer are stored nowhere, and after --max-consecutive-failures of them in a row the "
         "command stops with exit code 3 (rerun it to judge the missing rows).",
     )
-    from cpe_jax.reward.label import add_judge_arguments, add_row_error_argument
+    from cpe_jax.reward.judge_factory import add_judge_arguments, add_row_error_argument
 
     add_judge_arguments(p)
     add_row_error_argument(p)
     p.add_argument("--input", required=True, metavar="IN.jsonl")
     p.add_argument("--out", required=True, metavar="OUT.jsonl")
     p.add_argument("--language", choices=["en", "zh"], default="en", help="language of the GRM prompt")
+    p.add_argument("--prompt-style", choices=["full", "compact"], default="full",
+                   help="GRM prompt: the paper's rubric (full) or a one-paragraph one for a small GRM (compact)")
     p.add_argument("--temperature", type=float, default=0.0, help="teacher sampling temperature")
     p.add_argument("--max-tokens", type=int, default=1024, help="teacher reply length")
     p.add_argument("--batch-size", type=int, default=16, help="rows judged (and flushed to OUT) together")
@@ -228,14 +227,16 @@ def _cmd_label(argv):
     import sys as _sys
 
     from cpe_jax.errors import require_path
-    from cpe_jax.reward.label import judge_from_arguments, label, read_label_rows
+    from cpe_jax.reward.judge_factory import judge_from_arguments
+    from cpe_jax.reward.label import label, read_label_rows
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     read_label_rows(require_path(args.input, "input file"))  # every row checked before the judge starts
     judge, judge_label = judge_from_arguments(args)
     counts = label(judge, args.input, args.out, language=args.language, temperature=args.temperature,
                    max_tokens=args.max_tokens, batch_size=args.batch_size, progress=_sys.stderr.isatty(),
-                   skip_row_errors=args.skip_row_errors, max_consecutive_failures=args.max_consecutive_failures)
+                   skip_row_errors=args.skip_row_errors, max_consecutive_failures=args.max_consecutive_failures,
+                   prompt_style=args.prompt_style)
     if counts["row_errors"]:
         print(f"{counts['row_errors']} rows refused by the judge, skipped and listed in {counts['errors'].path}: "
               f"{counts['errors'].listing()}")
@@ -244,104 +245,10 @@ def _cmd_label(argv):
 
 
 def _cmd_rm_eval(argv):
-    p = argparse.ArgumentParser(
-        prog="cpe-jax rm-eval",
-        description="Pairwise accuracy of a reward model on PersonaFeedback (chosen scored above "
-        "rejected), per tier and specific/general; ties and unreadable GRM judgements count half. "
-        "Writes OUT/rm_eval.json, OUT/rm_eval.md and OUT/rm_eval_pairs.jsonl. With --repeat K, "
-        "each response is judged K times and judge stability is reported.",
-    )
-    from cpe_jax.reward.label import add_judge_arguments, add_row_error_argument
-
-    p.add_argument("--data", required=True, metavar="ROOT", help="PersonaFeedback directory (either layout)")
-    p.add_argument("--rm", metavar="PATH", help="reward model directory (--rm-type bt, or a flax GRM)")
-    p.add_argument("--rm-type", required=True, choices=["grm", "bt"])
-    add_judge_arguments(p, required=False)
-    add_row_error_argument(p)
-    p.add_argument("--grm-mode", choices=["text", "expected"], default="text",
-                   help="flax GRM: parse written scores (text) or expected scores over -5..5")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--repeat", type=int, default=1, help="judge every response K times (stability)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="GRM temperature (default 0, or 0.9 - the critique temperature - with --repeat > 1)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="GRM reply length")
-    p.add_argument("--language", choices=["en", "zh"], default="en")
-    p.add_argument("--categories", metavar="LIST",
-                   help="comma-separated, of general, specific (default: every category that has files; "
-                   "one named here must have them)")
-    p.add_argument("--tiers", metavar="LIST", help="comma-separated, of easy, medium (or mid), hard (default: "
-                   "all three, each of which must have a non-empty file in a category that has files)")
-    p.add_argument("--allow-missing", action="store_true",
-                   help="go on without missing or empty tier files and categories, warning with the table")
-    p.add_argument("--batch-size", type=int, default=16)
-    args = p.parse_args(argv)
-
-    import json
-    import logging
-    import os
-
-    from cpe_jax.data.personafeedback import find_pair_files, read_pairs
-    from cpe_jax.errors import require_path
+    """`cpe-jax rm-eval --data ROOT --rm-type {grm,bt} --out DIR [...]`: reward-model pairwise accuracy."""
     from cpe_jax.reward import rm_eval
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.repeat < 1 or args.batch_size < 1:
-        raise UserError(f"--repeat={args.repeat} and --batch-size={args.batch_size} must be >= 1")
-    def names(value):  # "easy, mid" -> ["easy", "mid"]; None stays None (the default)
-        return None if value is None else [n.strip() for n in value.split(",") if n.strip()]
-
-    found = find_pair_files(args.data, categories=names(args.categories), tiers=names(args.tiers),
-                            allow_missing=args.allow_missing)
-    pairs = read_pairs(found)
-    temperature = args.temperature if args.temperature is not None else (0.9 if args.repeat > 1 else 0.0)
-    info = {"rm_type": args.rm_type, "data": os.path.abspath(args.data), "repeat": args.repeat}
-    if args.rm_type == "bt":
-        if args.judge or args.repeat > 1 or not args.rm:
-            raise UserError("--rm-type bt needs --rm and takes no --judge or --repeat")
-        from cpe_jax.reward.bt import BTRewardModel
-        from cpe_jax.tokenizer import load_tokenizer
-
-        path = require_path(args.rm, "reward model directory")
-        scores = rm_eval.bt_pair_scores(BTRewardModel.load(path), load_tokenizer(path), pairs,
-                                        batch_size=args.batch_size, language=args.language)
-        info["rm"] = os.path.abspath(path)
-    else:
-        kind = args.judge or "flax"
-        if kind != "flax" and args.rm:
-            raise UserError(f"--rm is the flax GRM's directory; it cannot be used with --judge {kind}")
-        if kind != "flax" and args.grm_mode == "expected":
-            raise UserError("--grm-mode expected needs a flax GRM (--rm)")
-        if kind == "flax" and not (args.rm or args.judge_path):
-            raise UserError("--rm-type grm needs --rm (a flax GRM directory) or --judge python/http")
-        if kind == "flax" and args.grm_mode == "expected":
-            import cpe_jax
-            from cpe_jax.reward.flax_grm import FlaxGRMScorer
-            from cpe_jax.tokenizer import load_tokenizer
-
-            path = require_path(args.rm or args.judge_path, "GRM directory")
-            scorer = FlaxGRMScorer(cpe_jax.load_model(path), load_tokenizer(path), language=args.language,
-                                   temperature=temperature, max_tokens=args.max_tokens)
-            info["rm"] = f"flax-expected:{os.path.abspath(path)}"
-        else:
-            from cpe_jax.reward.grm import GRMScorer
-            from cpe_jax.reward.label import judge_from_arguments
-
-            args.judge = kind
-            judge, info["rm"] = judge_from_arguments(args, judge_path=args.rm)
-            scorer = GRMScorer(judge, language=args.language, temperature=temperature, max_tokens=args.max_tokens)
-        info["temperature"] = temperature
-        scores = rm_eval.grm_pair_scores(scorer, pairs, repeat=args.repeat, batch_size=args.batch_size,
-                                         out_dir=args.out, skip_row_errors=args.skip_row_errors,
-                                         max_consecutive_failures=args.max_consecutive_failures,
-                                         settings=json.dumps([kind, args.judge_model or args.judge_fn or info["rm"],
-                                                              args.grm_mode, temperature, args.max_tokens,
-                                                              args.language]))
-    metrics = rm_eval.evaluate(pairs, scores, args.out, info=info, notes=found.notes)
-    overall = metrics["accuracy"]["overall"]
-    for note in found.notes:
-        print(note)
-    print(f"n={overall['n']} accuracy {100 * overall['accuracy']:.1f}% (ties {overall['ties']}, "
-          f"invalid {overall['invalid']}); table in {os.path.join(args.out, 'rm_eval.md')}")
+    return rm_eval.main(argv)
 
 
 def _cmd_demo(argv):
@@ -365,6 +272,13 @@ def _cmd_micota(argv):
     return micota.main(argv)
 
 
+def _cmd_launch(argv):
+    """`cpe-jax launch --hosts N [--devices-per-host K] -- <command> [flags]`: a local N-host JAX job."""
+    from cpe_jax.launch import main
+
+    return main(argv)
+
+
 def _cmd_plan(argv):
     """`cpe-jax plan --config=configs/X.py [--tpu=v5p-64] [--model=qwen2.5-7b] [--json]` (memory per chip)."""
     from cpe_jax.plan import main
@@ -384,7 +298,12 @@ COMMANDS = {
     "dpo": (_cmd_dpo, "DPO / IPO baseline on chosen/rejected pairs (resumes from the latest checkpoint)"),
     "micota": (_cmd_micota, "teacher-assistant CoT distillation: generate, filter by answer and length, SFT"),
     "demo": (_cmd_demo, "the whole pipeline in miniature on PersonaWorld (SFT, GRM, PPO vs CPE, win rates)"),
+    "launch": (_cmd_launch, "run a command as an N-host JAX job on this machine (N processes, fake CPU devices)"),
 }
+
+
+# Commands that never touch the devices, so they do not join a multi-host job.
+HOST_ONLY_COMMANDS = ("launch", "plan")
 
 
 def _usage():
@@ -403,6 +322,10 @@ def main(argv=None):
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         raise UserError(f"unknown command {name!r}; choose one of {', '.join(COMMANDS)}")
+    if name not in HOST_ONLY_COMMANDS:
+        from cpe_jax.sharding import initialize_distributed
+
+        initialize_distributed()  # a multi-host job (JAX_* variables, TPU pod, SLURM, ...); else nothing
     try:
         return COMMANDS[name][0](rest)
     except JudgeUnavailable as e:  # exit code 3; the same command line resumes

@@ -147,15 +147,3 @@ def make_mesh_from_config(config, field="mesh"):
         return make_mesh(dict(axes))
     except (UserError, TypeError, ValueError) as e:
         raise UserError(f"config field {field}: {e}") from None
-
-
-def sibling_config(config_file, name):
-    """`get_config()` of the config file `name` beside `config_file`: configs build on each other
-    (e.g. a TPU-sized preset on the paper's defaults), but they are loaded by path, not as a package."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
-    spec = importlib.util.spec_from_file_location(f"_cpe_jax_config_{os.path.splitext(name)[0]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()

@@ -1,7 +1,8 @@
 """`cpe-jax demo`: the paper's pipeline in miniature on PersonaWorld, on a CPU, in minutes.
 
-Stages (each one a real `cpe-jax` command, run in this process; each skipped when its output exists,
-so an interrupted demo resumes, and the trainers resume from their own checkpoints):
+Stages (each one what a `cpe-jax` command runs, called here as library functions with the shipped
+presets of `cpe_jax/configs/`; each skipped when its output exists, so an interrupted demo resumes,
+and the trainers resume from their own checkpoints):
 
 1. a BPE tokenizer trained on the world's text; a tiny random Qwen2 SFT'd on noisy demonstrations
    (and on revisions of replies from critiques, the instruct ability that post-editing relies on);
@@ -16,17 +17,20 @@ Writes OUT/results.json, OUT/report.md and OUT/reward.png, OUT/length.png.
 """
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import random
+import sys
 import time
 
+from cpe_jax.configs import CONFIG_DIR
+from cpe_jax.data.jsonl import read_jsonl, write_jsonl_atomic
 from cpe_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 GRM_TEACHERS = {"full": "cpe_jax.data.persona_world:grm_teacher",
                 "short": "cpe_jax.data.persona_world:grm_teacher_short"}
 PAIRWISE_TEACHER = "cpe_jax.data.persona_world:pairwise_teacher"
@@ -37,11 +41,17 @@ RUN_LABELS = {"sft": "SFT (start)", "ppo": "PPO (GRM)", "cpe": "CPE (GRM + edit)
 # ---- small helpers --------------------------------------------------------------------------------
 
 
+class StoppedEarly(Exception):
+    """Raised by `Progress.run` once the stage named by `stop_after` is done."""
+
+
 class Progress:
     """One line per stage ("[demo 3/11] grm: ..."); the commands show their own step bars."""
 
-    def __init__(self, stages):
-        self.stages = stages
+    def __init__(self, stages, stop_after=None):
+        if stop_after is not None and stop_after not in stages:
+            raise UserError(f"--stop-after={stop_after!r}: not a stage of this run; choose one of {', '.join(stages)}")
+        self.stages, self.stop_after = stages, stop_after
         self.start = time.perf_counter()
         self.timings = {}
 
@@ -50,47 +60,95 @@ class Progress:
         prefix = f"[demo {k}/{len(self.stages)}] {name}"
         if done():
             print(f"{prefix}: done earlier, skipped", flush=True)
-            return
-        print(f"{prefix}: {what}", flush=True)
-        t0 = time.perf_counter()
-        fn()
-        self.timings[name] = round(time.perf_counter() - t0, 1)
-        print(f"{prefix}: finished in {self.timings[name]:.0f} s "
-              f"(total {time.perf_counter() - self.start:.0f} s)", flush=True)
+        else:
+            print(f"{prefix}: {what}", flush=True)
+            t0 = time.perf_counter()
+            fn()
+            self.timings[name] = round(time.perf_counter() - t0, 1)
+            print(f"{prefix}: finished in {self.timings[name]:.0f} s "
+                  f"(total {time.perf_counter() - self.start:.0f} s)", flush=True)
+        if name == self.stop_after:
+            raise StoppedEarly(name)
 
 
-def _write_jsonl(path, rows):
+def write_rows(path, rows):
     """Write rows atomically (tmp + rename), so a file that exists is complete."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    write_jsonl_atomic(path, rows)
 
 
-def _read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_rows(path):
+    return [row for _, row in read_jsonl(path)]
 
 
-def _flags(prefix, block):
-    """`--config.<prefix>.<key>=<value>` flags of a ConfigDict block (nested blocks flattened)."""
-    out = []
+def preset(name, *overrides):
+    """The shipped preset `cpe_jax/configs/<name>.py` with the demo's override blocks applied (nested
+    blocks field by field), locked as `--config=` leaves it, so a misspelt field is an error."""
+    config = importlib.import_module(f"cpe_jax.configs.{name}").get_config()
+    config.lock()
+    for block in overrides:
+        _override(config, block)
+    return config
+
+
+def _override(config, block):
     for key, value in block.items():
-        name = f"{prefix}.{key}" if prefix else key
         if hasattr(value, "items"):
-            out += _flags(name, value)
+            _override(config[key], value)
         else:
-            out.append(f"--config.{name}={value}")
-    return out
+            config[key] = value
 
 
-def _cli(*argv):
-    from cpe_jax import cli
+# The stages' commands, as `cpe-jax sft`, `train`, `label`, `generate` and `eval` run them.
 
-    code = cli.main([str(a) for a in argv])
-    if code not in (None, 0):
-        raise RuntimeError(f"cpe-jax {argv[0]} exited with {code}")
+
+def run_sft(config, workdir):
+    """`cpe-jax sft`: SFT, GRM distillation or a Bradley-Terry RM (config.mode), resuming in workdir."""
+    from cpe_jax.sft import SFTTrainer
+
+    SFTTrainer(config, workdir).run(progress=config.get("progress", True))
+
+
+def run_rl(config, workdir):
+    """`cpe-jax train`: PPO / CPE, resuming in workdir."""
+    from cpe_jax.rl.trainer import Trainer
+
+    if Trainer(config, workdir).run() < 0:
+        raise RuntimeError(f"training in {workdir} did not finish")
+
+
+def run_label(judge_fn, in_path, out_path, *, batch_size, prompt_style):
+    """`cpe-jax label --judge python --judge-fn FN`: the teacher's GRM judgements of every row."""
+    from cpe_jax.reward.judge_factory import build_judge
+    from cpe_jax.reward.label import label
+
+    judge, _ = build_judge("python", judge_fn=judge_fn)
+    label(judge, in_path, out_path, batch_size=batch_size, progress=sys.stderr.isatty(), prompt_style=prompt_style)
+
+
+def run_generate(model_dir, prompts_path, out_path, *, max_tokens, temperature, batch_size, seed):
+    """`cpe-jax generate`: one sample per prompt row."""
+    from cpe_jax import sampling
+
+    params = sampling.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    sampler = sampling.Sampler.from_pretrained(model_dir, max_batch_size=batch_size)
+    sampling.generate_jsonl(sampler, prompts_path, out_path, params)
+
+
+def run_eval(policy_dir, eval_set, out_dir, *, judge_fn, policy_prompt, max_tokens, temperature, batch_size, seed):
+    """`cpe-jax eval --policy DIR --judge python --judge-fn FN`: win rates against the eval set's responses."""
+    from cpe_jax.data.personafeedback import load_eval_set
+    from cpe_jax.eval import run
+    from cpe_jax.reward.judge_factory import build_judge
+    from cpe_jax.sampling import Sampler, SamplingParams
+
+    judge, judge_label = build_judge("python", judge_fn=judge_fn)
+    run.evaluate(
+        load_eval_set(eval_set), out_dir, judge=judge,
+        policy=Sampler.from_pretrained(policy_dir, max_batch_size=batch_size),
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed),
+        policy_prompt=policy_prompt, batch_size=batch_size, judge_max_tokens=32, judge_label=judge_label,
+        policy_label=os.path.abspath(policy_dir), baseline_label=os.path.abspath(eval_set))
 
 
 def load_config(path):
@@ -268,60 +326,70 @@ STAGES = ["tokenizer", "policy-init", "sft-data", "sft", "label", "grm-init", "g
           "rl-ppo", "rl-cpe", "sft-responses", "eval-ppo", "eval-cpe", "report"]
 
 
-def run(out, config, seed=0, config_path=""):
-    """Run (or resume) the whole demo into `out`; returns the results dict."""
-    import cpe_jax
+def run(out, config, seed=0, config_path="", stop_after=None):
+    """Run (or resume) the whole demo into `out`; returns the results dict (None when stopped after
+    the stage `stop_after`: a rerun without it goes on from there)."""
     from cpe_jax.data import persona_world as pw
-
-    from cpe_jax.data.prompts import GRM_STYLE_ENV
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     c = config
-    os.environ[GRM_STYLE_ENV] = c.grm.get("prompt_style", "full")  # every stage renders the same GRM prompt
     world = pw.make_world(seed)
-    critique_style = c.grm.get("critique_style", "full")  # what the GRM learns to write, and the policy to read
-    path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
-    exists = lambda *parts: (lambda: os.path.exists(path(*parts)))  # noqa: E731
     stages = list(STAGES)
     if c.run_bt:
         stages.insert(stages.index("grm-eval") + 1, "bt-rm")
         stages.insert(stages.index("rl-cpe") + 1, "rl-ppo_bt")
         stages.insert(stages.index("eval-cpe") + 1, "eval-ppo_bt")
-    progress = Progress(stages)
-    sft_config = os.path.join(CONFIG_DIR, "sft.py")
-    mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
+    progress = Progress(stages, stop_after)
+    try:
+        return run_stages(progress, out, c, seed, config_path, world)
+    except StoppedEarly:
+        return None
+
+
+def run_stages(progress, out, c, seed, config_path, world):
+    """The stages of `run`, in order, each skipped when its output exists."""
+    import cpe_jax
+    from cpe_jax.data import persona_world as pw
+
+    config = c
+    critique_style = c.grm.get("critique_style", "full")  # what the GRM learns to write, and the policy to read
+    prompt_style = c.grm.get("prompt_style", "full")  # every stage renders the same GRM prompt
+    path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
+    exists = lambda *parts: (lambda: os.path.exists(path(*parts)))  # noqa: E731
+    one_device = {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
+
+    def trainer_config(name, block, **fields):  # a stage's `--config.*` overrides of a shipped preset
+        return preset(name, {k: v for k, v in block.items() if k != "mesh"}, fields, one_device)
 
     progress.run("tokenizer", exists("tokenizer", "tokenizer.json"), lambda: pw.train_tokenizer(
         world, path("tokenizer"), vocab_size=c.world.vocab_size, n_responses=c.world.tokenizer_responses,
-        seed=seed), "BPE on the world's text")
+        seed=seed, grm_prompt_style=prompt_style), "BPE on the world's text")
     progress.run("policy-init", exists("policy_init", "cpe_jax_model.json"),
                  lambda: init_model(path("policy_init"), path("tokenizer"), c.policy_model, seed),
                  "random tiny Qwen2 policy")
-    progress.run("sft-data", exists("data", "sft.jsonl"), lambda: _write_jsonl(path("data", "sft.jsonl"), sft_rows(
+    progress.run("sft-data", exists("data", "sft.jsonl"), lambda: write_rows(path("data", "sft.jsonl"), sft_rows(
         world, c.world.sft_rows, c.world.edit_rows, c.world.sft_p_good, c.world.edit_p_fix, seed, critique_style,
         c.world.get("damaged_fraction", 0.0))),
         "noisy demonstrations and post-edit demonstrations")
-    progress.run("sft", exists("policy_sft", "final"), lambda: _cli(
-        "sft", f"--config={sft_config}", f"--workdir={path('policy_sft')}", f"--config.model={path('policy_init')}",
-        f"--config.data.path={path('data', 'sft.jsonl')}", f"--config.seed={seed}",
-        *_flags("", {k: v for k, v in c.sft.items() if k != "mesh"}), *mesh), "cpe-jax sft (policy)")
+    progress.run("sft", exists("policy_sft", "final"), lambda: run_sft(trainer_config(
+        "sft", c.sft, model=path("policy_init"), data={"path": path("data", "sft.jsonl")}, seed=seed),
+        path("policy_sft")), "cpe-jax sft (policy)")
 
     def label():
-        _write_jsonl(path("data", "label_input.jsonl"), label_inputs(world, c.world.label_rows, seed + 1,
-                                                                 c.world.get("damaged_fraction", 0.0)))
-        _cli("label", "--judge", "python", "--judge-fn", GRM_TEACHERS[critique_style], "--input", path("data", "label_input.jsonl"),
-             "--out", path("data", "labels.jsonl.partial"), "--batch-size", 256)
-        rows = [{"messages": r["messages"]} for r in _read_jsonl(path("data", "labels.jsonl.partial")) if r["valid"]]
-        _write_jsonl(path("data", "grm_train.jsonl"), rows)
+        write_rows(path("data", "label_input.jsonl"), label_inputs(world, c.world.label_rows, seed + 1,
+                                                               c.world.get("damaged_fraction", 0.0)))
+        run_label(GRM_TEACHERS[critique_style], path("data", "label_input.jsonl"), path("data", "labels.jsonl.partial"),
+                  batch_size=256, prompt_style=prompt_style)
+        rows = [{"messages": r["messages"]} for r in read_rows(path("data", "labels.jsonl.partial")) if r["valid"]]
+        write_rows(path("data", "grm_train.jsonl"), rows)
 
     progress.run("label", exists("data", "grm_train.jsonl"), label, "cpe-jax label (teacher judgements)")
     progress.run("grm-init", exists("grm_init", "cpe_jax_model.json"),
                  lambda: init_model(path("grm_init"), path("tokenizer"), c.grm_model, seed + 1), "random tiny GRM")
-    progress.run("grm", exists("grm", "final"), lambda: _cli(
-        "sft", f"--config={sft_config}", f"--workdir={path('grm')}", f"--config.model={path('grm_init')}",
-        f"--config.data.path={path('data', 'grm_train.jsonl')}", f"--config.seed={seed}",
-        *_flags("", {k: v for k, v in c.grm.sft.items() if k != "mesh"}), *mesh), "cpe-jax sft (GRM distillation)")
+    progress.run("grm", exists("grm", "final"), lambda: run_sft(trainer_config(
+        "sft", c.grm.sft, model=path("grm_init"), data={"path": path("data", "grm_train.jsonl")}, seed=seed),
+        path("grm")), "cpe-jax sft (GRM distillation)")
 
     def grm_eval():
         from cpe_jax.reward import rm_eval
@@ -331,7 +399,7 @@ def run(out, config, seed=0, config_path=""):
         pairs = grm_pairs(world, c.world.grm_eval_pairs, seed + 2)
         grm_dir = path("grm", "final")
         scorer = FlaxGRMScorer(cpe_jax.load_model(grm_dir), load_tokenizer(grm_dir), max_tokens=c.grm.max_tokens,
-                               max_batch_size=64)
+                               max_batch_size=64, prompt_style=prompt_style)
         scores = rm_eval.grm_pair_scores(scorer, pairs, batch_size=64)
         info = {"rm": f"flax-expected:{grm_dir}", "rm_type": "grm"}
         aspect_pairs = grm_aspect_pairs(world, c.world.get("grm_aspect_pairs", 0), seed + 4)
@@ -345,50 +413,45 @@ def run(out, config, seed=0, config_path=""):
 
     if c.run_bt:
         def bt_rm():
-            _write_jsonl(path("data", "bt_pairs.jsonl"), bt_pairs(world, c.bt.pairs, seed + 5, c.bt.longer_chosen))
-            _cli("sft", f"--config={os.path.join(CONFIG_DIR, 'bt.py')}", f"--workdir={path('bt')}",
-                 f"--config.model={path('grm_init')}", f"--config.data.path={path('data', 'bt_pairs.jsonl')}",
-                 f"--config.seed={seed}", *_flags("", {k: v for k, v in c.bt.sft.items() if k != "mesh"}), *mesh)
+            write_rows(path("data", "bt_pairs.jsonl"), bt_pairs(world, c.bt.pairs, seed + 5, c.bt.longer_chosen))
+            run_sft(trainer_config("bt", c.bt.sft, model=path("grm_init"), data={"path": path("data", "bt_pairs.jsonl")},
+                                   seed=seed), path("bt"))
 
         progress.run("bt-rm", exists("bt", "final"), bt_rm,
                      "cpe-jax sft (Bradley-Terry RM on length-confounded teacher pairs)")
 
-    rl_config = os.path.join(CONFIG_DIR, "demo_rl.py")
-    rl_flags = [f"--config.policy={path('policy_sft', 'final')}",
-                f"--config.seed={seed}", f"--config.data.seed={seed}", f"--config.data.world_seed={seed}",
-                f"--config.grm.max_tokens={c.grm.max_tokens}", *_flags("", c.rl)]
-    grm = f"--config.grm.path={path('grm', 'final')}"
-    runs = {"ppo": [grm, "--config.edit.strategy=none"], "cpe": [grm, "--config.edit.strategy=random"]}
+    rl_fields = {"policy": path("policy_sft", "final"), "seed": seed, "data": {"seed": seed, "world_seed": seed},
+                 "grm": {"max_tokens": c.grm.max_tokens, "prompt_style": prompt_style}}
+    grm = {"grm": {"path": path("grm", "final")}}
+    runs = {"ppo": [grm, {"edit": {"strategy": "none"}}], "cpe": [grm, {"edit": {"strategy": "random"}}]}
     if c.run_bt:
-        runs["ppo_bt"] = [f"--config.grm.path={path('bt', 'final')}", "--config.grm.type=bt", "--config.grm.mode=text",
-                          "--config.edit.strategy=none"]
+        runs["ppo_bt"] = [{"grm": {"path": path("bt", "final"), "type": "bt", "mode": "text"}},
+                          {"edit": {"strategy": "none"}}]
     for name, extra in runs.items():
         progress.run(f"rl-{name}", exists("rl", name, "final", "cpe_jax_model.json"),
-                     lambda extra=extra, name=name: _cli(
-                         "train", f"--config={rl_config}", f"--workdir={path('rl', name)}", *rl_flags, *extra),
+                     lambda extra=extra, name=name: run_rl(preset("demo_rl", rl_fields, c.rl, *extra), path("rl", name)),
                      f"cpe-jax train ({RUN_LABELS[name]}, {c.rl.total_steps} steps)")
 
     examples = eval_examples(world, c.world.eval_examples, seed + 3)
 
     def sft_responses():
-        _write_jsonl(path("eval", "prompts.jsonl"),
-                     [{"row": i, "messages": pw.policy_messages(p, q)} for i, (p, q) in enumerate(examples)])
-        _cli("generate", "--model", path("policy_sft", "final"), "--prompts", path("eval", "prompts.jsonl"),
-             "--out", path("eval", "sft_generated.jsonl"), "--max-tokens", c.eval.max_tokens,
-             "--temperature", c.eval.temperature, "--batch-size", c.eval.batch_size, "--seed", seed)
-        generated = sorted(_read_jsonl(path("eval", "sft_generated.jsonl")), key=lambda r: r["row"])
-        _write_jsonl(path("eval", "eval_set.jsonl"), [
+        write_rows(path("eval", "prompts.jsonl"),
+                   [{"row": i, "messages": pw.policy_messages(p, q)} for i, (p, q) in enumerate(examples)])
+        run_generate(path("policy_sft", "final"), path("eval", "prompts.jsonl"), path("eval", "sft_generated.jsonl"),
+                     max_tokens=c.eval.max_tokens, temperature=c.eval.temperature, batch_size=c.eval.batch_size,
+                     seed=seed)
+        generated = sorted(read_rows(path("eval", "sft_generated.jsonl")), key=lambda r: r["row"])
+        write_rows(path("eval", "eval_set.jsonl"), [
             {"persona": p, "question": q["text"], "category": "specific", "response": g["text"]}
             for (p, q), g in zip(examples, generated)])
 
     progress.run("sft-responses", exists("eval", "eval_set.jsonl"), sft_responses,
                  "cpe-jax generate (the SFT baseline's responses)")
     for name in runs:
-        progress.run(f"eval-{name}", exists("eval", name, "metrics.json"), lambda name=name: _cli(
-            "eval", "--policy", path("rl", name, "final"), "--eval-set", path("eval", "eval_set.jsonl"),
-            "--out", path("eval", name), "--judge", "python", "--judge-fn", PAIRWISE_TEACHER,
-            "--policy-prompt", "persona_world", "--max-tokens", c.eval.max_tokens, "--temperature", c.eval.temperature,
-            "--batch-size", c.eval.batch_size, "--seed", seed), f"cpe-jax eval ({RUN_LABELS[name]} vs SFT)")
+        progress.run(f"eval-{name}", exists("eval", name, "metrics.json"), lambda name=name: run_eval(
+            path("rl", name, "final"), path("eval", "eval_set.jsonl"), path("eval", name), judge_fn=PAIRWISE_TEACHER,
+            policy_prompt="persona_world", max_tokens=c.eval.max_tokens, temperature=c.eval.temperature,
+            batch_size=c.eval.batch_size, seed=seed), f"cpe-jax eval ({RUN_LABELS[name]} vs SFT)")
     progress.run("report", lambda: False, lambda: None, "results.json, report.md, plots")
     results = collect_results(out, seed, config, config_path, progress.timings)
     write_report(out, results)
@@ -420,7 +483,7 @@ def collect_results(out, seed, config, config_path, timings):
     from cpe_jax.metrics import read_metrics
 
     runs = {}
-    sft_set = _read_jsonl(os.path.join(out, "eval", "eval_set.jsonl"))
+    sft_set = read_rows(os.path.join(out, "eval", "eval_set.jsonl"))
     sft_length = sum(len(r["response"]) for r in sft_set) / len(sft_set)
     runs["sft"] = {"lc_win_rate": 50.0, "win_rate": 50.0, "mean_length": sft_length, "n": len(sft_set)}
     for name in ("ppo", "cpe", "ppo_bt"):
@@ -502,6 +565,8 @@ def main(argv):
     p.add_argument("--quick", action="store_true", help="a smaller run of a few minutes (configs/demo_quick.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", metavar="FILE", help="demo config (default configs/demo_cpu.py or demo_quick.py)")
+    p.add_argument("--stop-after", metavar="STAGE",
+                   help="stop once this stage is done (e.g. sft); rerun without it to go on")
     p.add_argument("--bt", action="store_true",
                    help="also PPO rewarded by a Bradley-Terry RM trained on length-confounded pairs (config run_bt)")
     args = p.parse_args(argv)
@@ -510,6 +575,10 @@ def main(argv):
     if args.bt:
         config.run_bt = True
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = run(args.out, config, seed=args.seed, config_path=os.path.abspath(config_path))
+    results = run(args.out, config, seed=args.seed, config_path=os.path.abspath(config_path),
+                  stop_after=args.stop_after)
+    if results is None:
+        print(f"stopped after stage {args.stop_after}; rerun without --stop-after to go on")
+        return 0
     print(open(os.path.join(os.path.abspath(args.out), "report.md")).read().split("![")[0].strip())
     return 0

@@ -237,13 +237,14 @@ class DPOTrainer(sft.SFTTrainer):
         import cpe_jax
         from cpe_jax.config import data_parallel_size
         from cpe_jax.metrics import progress_bar
+        from cpe_jax.models.qwen2.params import load_options
         from cpe_jax.sharding import replicated
 
         c = self.config
         if c.ref_model or self.step > 0:
             path = c.ref_model or c.model
             log.info("loading the reference model %s", path)
-            graphdef, params = nnx.split(cpe_jax.load_model(path, mesh=self.mesh, dtype=c.dtype or None))
+            graphdef, params = nnx.split(cpe_jax.load_model(path, mesh=self.mesh, dtype=c.dtype, **load_options(c)))
         else:
             graphdef, params = self.graphdef, self.state.params
         param_shardings = jax.tree.map(lambda x: x.sharding, params)

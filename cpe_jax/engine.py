@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from cpe_jax.errors import UserError
+from cpe_jax.sharding import fetch_global
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,10 @@ def _step_keys(row_keys, row_step):
     return jax.vmap(jax.random.fold_in)(row_keys, row_step)
 
 
+def _is_typed_key(x):
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 @jax.jit
 def request_keys(seeds, row_ids):
     """Row keys fold_in(key(seed), row id) for many rows at once (as `sampling.row_keys`)."""
@@ -195,9 +200,10 @@ def admit(graphdef, params, state: EngineState, prompt_tokens, prompt_mask, sour
     """Prefill the left-padded prompts [K, P] once, copy each one's keys and values into the slots
     that sample it (`source[m]` is the prompt of admitted row m, `slots[m]` its slot; a slot index
     >= B pads the admission bucket and is dropped), and sample every admitted row's first token."""
-    from cpe_jax.models.qwen2.model import init_cache, positions_from_mask
+    from cpe_jax.models.qwen2.model import init_cache, map_layers, positions_from_mask
 
     model = nnx.merge(graphdef, params)
+    row_keys = jax.random.wrap_key_data(row_keys)  # raw uint32 key data [M, 2] from the host
     k, p = prompt_tokens.shape
     s = shape.cache_length
     prompt_mask = prompt_mask.astype(bool)
@@ -215,8 +221,8 @@ def admit(graphdef, params, state: EngineState, prompt_tokens, prompt_mask, sour
         new = prompt_layer[source].astype(cache_layer.dtype).transpose(0, 2, 1, 3)  # [M, P, KVH, D]
         return cache_layer.at[slot_rows, :, ring[None, :]].set(new, mode="drop")
 
-    cache = dict(state.cache, k=tuple(map(place, state.cache["k"], prompt_cache["k"])),
-                 v=tuple(map(place, state.cache["v"], prompt_cache["v"])))
+    cache = dict(state.cache, k=map_layers(place, state.cache["k"], prompt_cache["k"]),
+                 v=map_layers(place, state.cache["v"], prompt_cache["v"]))
     row_mask = jnp.zeros((slots.shape[0], s), bool).at[:, ring].set(prompt_mask[source])
     n = shape.max_tokens
 
@@ -376,6 +382,10 @@ class Engine:
             row_keys = request_keys(np.asarray(seeds, np.uint32), np.asarray(ids, np.uint32))
         elif len(row_keys) != first_row[-1]:
             raise UserError(f"{len(row_keys)} row keys for {first_row[-1]} rows")
+        # Raw key data on the host (the same on every host): admissions slice it without a device
+        # round trip and pass it in as plain data, whatever device the keys were made on.
+        row_keys = np.asarray(fetch_global(jax.random.key_data(row_keys) if _is_typed_key(row_keys) else row_keys),
+                              np.uint32)
         results = {}
         for i, prompt in enumerate(prompts):  # an empty prompt ends before its first token
             if not len(prompt):
@@ -386,7 +396,9 @@ class Engine:
             return [results[(i, j)] for i in range(len(prompts)) for j in range(params_list[i].n)]
         shape = self.shape_for([len(prompts[i]) for i in waiting], [params_list[i] for i in waiting])
         state = self._run(self._empty, shape)
-        queue = deque(waiting)
+        # Longest max_tokens first (stable): a long request admitted last would decode alone at the
+        # end. A row's result does not depend on when it runs, so the order changes only the time.
+        queue = deque(sorted(waiting, key=lambda i: -params_list[i].max_tokens))
         free = list(range(self.num_slots))
         owner = {}  # slot -> (prompt index, sample index)
         bar = None
@@ -402,11 +414,13 @@ class Engine:
                 state = self._admit_group(state, shape, group, prompts, params_list, free, owner,
                                           row_keys, first_row)
             state = self._run(self._decode, self.params, state, shape)
-            done = np.asarray(jax.device_get(state.done))
+            # fetch_global: every host reads all slots (an all-gather when slots span processes)
+            # and so takes the same refill decisions.
+            done = fetch_global(state.done)
             finished = [slot for slot in owner if done[slot]]
             if finished:
-                host = jax.device_get((state.tokens, state.logprobs, state.sampling_logprobs, state.row_step,
-                                       state.stopped))
+                host = fetch_global((state.tokens, state.logprobs, state.sampling_logprobs, state.row_step,
+                                     state.stopped))
                 for slot in finished:
                     i, j = owner.pop(slot)
                     results[(i, j)] = _row(host, slot, i, j)
@@ -448,7 +462,7 @@ class Engine:
             stops = list(p.stop_token_ids) + [-1] * (MAX_STOP_TOKENS - len(p.stop_token_ids))
             settings["stop_ids"].append(stops)
             key_index.append(first_row[i] + j)
-        keys = row_keys[np.asarray(key_index)]
+        keys = row_keys[np.asarray(key_index)]  # host key data [M, 2]
         dtypes = dict(temperature=np.float32, top_k=np.int32, top_p=np.float32, max_tokens=np.int32,
                       ignore_eos=bool, stop_ids=np.int32)
         settings = SlotSettings(**{name: np.asarray(v, dtypes[name]) for name, v in settings.items()})

@@ -190,7 +190,7 @@ def run(config, workdir, *, progress=True):
 
         g = config.generate
         sampler = Sampler.from_pretrained(config.teacher_assistant, mesh=make_mesh_from_config(config),
-                                          dtype=config.dtype or None, max_batch_size=g.batch_size)
+                                          dtype=config.dtype, max_batch_size=g.batch_size)
         params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed, n=g.n)
         generations = generate_cot(sampler, problems, params, progress=progress)
         del sampler

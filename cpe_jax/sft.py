@@ -342,6 +342,7 @@ class SFTTrainer(TrainLoop):
 
     def __init__(self, config, workdir):
         import cpe_jax
+        from cpe_jax.models.qwen2.params import load_options
         from cpe_jax.sharding import logical_sharding, replicated
         from cpe_jax.tokenizer import load_tokenizer, pad_token_id
 
@@ -363,7 +364,7 @@ class SFTTrainer(TrainLoop):
                         truncated, len(self.examples), config.max_length)
         self.total_steps = config.total_steps or config.epochs * self.steps_per_epoch
 
-        model = cpe_jax.load_model(config.model, mesh=self.mesh, dtype=config.dtype or None)
+        model = cpe_jax.load_model(config.model, mesh=self.mesh, dtype=config.dtype, **load_options(config))
         check_example_ids(self.examples, model.config.vocab_size)
         self.pad_id = pad_token_id(self.tokenizer, model.config.vocab_size)
         if config.get("remat"):

@@ -109,7 +109,9 @@ def test_n_samples_share_one_prefill(model, caplog):
 
 def test_steady_state_does_not_compile_again(model):
     engine = Engine(model, num_slots=4, eos_token_ids=(EOS,), sync_every=4)
-    params = [SamplingParams(max_tokens=m, temperature=0.8, seed=i) for i, m in enumerate([5, 9, 3, 12, 7, 6])]
+    # ignore_eos: rows end at their max_tokens, so slots free up (and requests arrive) in the same groups.
+    params = [SamplingParams(max_tokens=m, temperature=0.8, seed=i, ignore_eos=True)
+              for i, m in enumerate([5, 9, 3, 12, 7, 6])]
     engine.generate(_prompts([3, 10, 6, 14, 2, 9], seed=1), params)
     compiles = engine.compile_count
     # New prompts of new lengths within the same buckets (<= 16 tokens), arriving in the same groups.

@@ -149,7 +149,7 @@ def test_rewards_are_expected_scores_of_the_assembled_prefixes(trainer):
     </critique>)."""
     from cpe_jax.reward.flax_grm import expected_scores
     from cpe_jax.reward.grm import combine_scores
-    from cpe_jax.rl.rollout import left_pad
+    from cpe_jax.data.padding import left_pad
 
     fused = trainer.fused
     examples, row_ids = _examples(trainer)

@@ -19,7 +19,7 @@ def world():
 
 def _persona(diet="vegetarian", budget="low", tone="casual", length="short", expertise="beginner",
              interests=("hiking", "chess")):
-    return pw._make_persona("t0", "Mia", 30, "teacher", diet, budget, tone, length, expertise,
+    return pw.make_persona("t0", "Mia", 30, "teacher", diet, budget, tone, length, expertise,
                             interests)
 
 

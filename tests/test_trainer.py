@@ -44,7 +44,7 @@ def smoke_config(policy_dir, **overrides):
 
 def short_answer_judge(conversation):
     """A trivially learnable reward: every dimension is higher for shorter responses."""
-    from cpe_jax.data.persona_world import _prompt_field
+    from cpe_jax.data.persona_world import prompt_field as _prompt_field
 
     words = len(_prompt_field(conversation, "RESPONSE").split())
     score = int(max(-5, min(5, 5 - words // 2)))

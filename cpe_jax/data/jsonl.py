@@ -1,4 +1,6 @@
-"""JSON Lines input: every reader of user files goes through here so errors name FILE:LINE.
+"""JSON Lines: every reader of user files goes through here so errors name FILE:LINE, and the
+one way outputs are written: whole files atomically (`write_jsonl_atomic`), resumable outputs by
+appending (`JsonlAppender`) and reading back what a previous run finished (`read_finished_rows`).
 
 Files are opened in binary and each line is decoded inside the error handling, so one byte that
 is not UTF-8 is a `FILE:LINE: not UTF-8 text` UserError (exit code 2), never a traceback.
@@ -6,9 +8,12 @@ Cloud paths (gs://...) are opened through etils.epath, as Orbax reads them.
 """
 
 import json
+import logging
 import os
 
 from cpe_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def open_binary(path, what="file"):
@@ -59,3 +64,74 @@ def read_jsonl(path, what="file"):
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
             yield line_no, row
+
+
+def write_jsonl_atomic(path, rows):
+    """Write `rows` as JSONL through PATH.tmp and a rename: the file is whole or untouched."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_finished_rows(path, is_row, bad_row):
+    """[(line_number, row)] of a resumable output: what earlier runs of a command appended to `path`.
+
+    A torn last line (the write an interruption cut: no newline at its end, and not a whole row) is
+    dropped from the file, so that row is done again. Any other line that is not a row (bad UTF-8 or
+    JSON, or `is_row(obj)` false) is the UserError `PATH:LINE: <bad_row>`. A missing file has no rows.
+    """
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        raw_lines = f.readlines()
+    rows = []
+    for line_no, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            ok = is_row(row)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if ok:
+            rows.append((line_no, row))
+            continue
+        if line_no == len(raw_lines) and not raw.endswith(b"\n"):
+            log.warning("%s:%d: dropping a partly written last line; its row is done again", path, line_no)
+            write_jsonl_atomic(path, [row for _, row in rows])
+            break
+        raise UserError(f"{path}:{line_no}: {bad_row}")
+    return rows
+
+
+class JsonlAppender:
+    """Appends rows to a resumable output, each flushed (and with `fsync`, synced to disk) as it is
+    written, so an interruption loses nothing finished. Use as a context manager or `close()`."""
+
+    def __init__(self, path, *, fsync=False):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path, self.fsync = path, fsync
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, *rows):
+        for row in rows:
+            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.flush()
+
+    def flush(self):
+        self.file.flush()
+        if self.fsync:
+            os.fsync(self.file.fileno())
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -31,8 +31,8 @@ import sys
 from cpe_jax.errors import JudgeUnavailable, UserError
 from cpe_jax.eval.report import METRICS_FILE, summarize, write_report
 from cpe_jax.eval.winrate import judge_pairs, parse_verdict, prob_first_from_logprobs
-from cpe_jax.reward.judges import (DEFAULT_MAX_CONSECUTIVE_FAILURES, NO_ANSWER, ROW_ERROR, FailureStreak,
-                                   RowErrorLog, write_jsonl_atomic)
+from cpe_jax.data.jsonl import JsonlAppender, read_finished_rows, write_jsonl_atomic
+from cpe_jax.reward.judges import DEFAULT_MAX_CONSECUTIVE_FAILURES, NO_ANSWER, ROW_ERROR, FailureStreak, RowErrorLog
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ GENERATED_FILE = "generated.jsonl"
 ERRORS_FILE = "errors.jsonl"
 RUN_FILE = "run.json"
 POLICY_PROMPTS = ("paper", "persona_world")
-JUDGE_KINDS = ("python", "http", "flax")
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -209,57 +208,18 @@ def apply_labels(examples, path):
 # Resumable JSONL logs
 
 
-def _read_keyed_rows(path, keys):
+def read_keyed_rows(path, keys):
     """{key: row} of a log written by this module; a torn last line (interrupted write) is dropped."""
-    from cpe_jax.data.jsonl import decode_text
-
-    if not os.path.isfile(path):
-        return {}
-    with open(path, "rb") as f:
-        raw_lines = f.readlines()
-    lines = []
-    for lineno, raw in enumerate(raw_lines, start=1):
-        try:
-            lines.append(decode_text(raw, path, lineno))
-        except UserError:
-            if lineno < len(raw_lines) or raw.endswith(b"\n"):
-                raise
-            lines.append(raw.decode("utf-8", "replace"))  # cut inside a character: torn, dropped below
     rows = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if lineno == len(lines) and not line.endswith("\n"):
-                log.warning("%s:%d: dropping a partly written last line", path, lineno)
-                with open(path, "w", encoding="utf-8") as f:
-                    f.writelines(lines[:-1])
-                break
-            raise UserError(f"{path}:{lineno}: bad JSON; delete the file to start this evaluation over") from None
-        key = row.get("key") if isinstance(row, dict) else None
-        if key not in keys:
+    for lineno, row in read_finished_rows(path, lambda row: isinstance(row, dict) and "key" in row,
+                                          "bad JSON; delete the file to start this evaluation over"):
+        if row["key"] not in keys:
             raise UserError(
-                f"{path}:{lineno}: row {key!r} belongs to another evaluation set; use another output "
+                f"{path}:{lineno}: row {row['key']!r} belongs to another evaluation set; use another output "
                 "directory or pass --fresh"
             )
-        rows[key] = row
+        rows[row["key"]] = row
     return rows
-
-
-class _AppendLog:
-    """Append JSON rows to a file, flushing each so that an interruption loses nothing finished."""
-
-    def __init__(self, path):
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, row):
-        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
 
 
 def _check_run(out_dir, run, fresh):
@@ -436,7 +396,7 @@ def evaluate(
 
     keys = [example_key(i, ex["question"]) for i, ex in enumerate(examples)]
     annotations_path = os.path.join(out_dir, ANNOTATIONS_FILE)
-    done = _read_keyed_rows(annotations_path, set(keys))
+    done = read_keyed_rows(annotations_path, set(keys))
     for key, row in done.items():
         i = row["index"]
         given = {"baseline_response": baseline[i]}
@@ -449,7 +409,7 @@ def evaluate(
                     "output directory or pass --fresh"
                 )
     generated_path = os.path.join(out_dir, GENERATED_FILE)
-    generated = _read_keyed_rows(generated_path, set(keys)) if policy is not None else {}
+    generated = read_keyed_rows(generated_path, set(keys)) if policy is not None else {}
 
     errors = RowErrorLog(os.path.join(out_dir, ERRORS_FILE), skip=skip_row_errors)
     streak = FailureStreak(max_consecutive_failures)
@@ -463,8 +423,8 @@ def evaluate(
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="eval", unit="chunk")
-    annotations = _AppendLog(annotations_path)
-    generated_log = _AppendLog(generated_path) if policy is not None else None
+    annotations = JsonlAppender(annotations_path)
+    generated_log = JsonlAppender(generated_path) if policy is not None else None
     try:
         for chunk in chunks:
             model_texts, finish = {}, {}
@@ -579,54 +539,3 @@ def _source_line(source, index):
     """The line number in an example's `source` ("file:line"), else its 1-based position."""
     tail = str(source).rsplit(":", 1)[-1]
     return int(tail) if tail.isdigit() else index + 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Judges from command-line flags
-
-
-def build_judge(kind, *, judge_fn=None, base_url=None, judge_model=None, api_key_env=None, judge_path=None,
-                max_concurrency=8, timeout=60.0, max_retries=5, backoff_base=0.5,
-                max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES):
-    """(ChatJudge, label) for `--judge {python,http,flax}`; flags of another kind are refused."""
-    flags = {"--judge-fn": judge_fn, "--base-url": base_url, "--judge-model": judge_model,
-             "--api-key-env": api_key_env, "--judge-path": judge_path}
-    needs = {"python": ("--judge-fn",), "http": ("--base-url", "--judge-model"), "flax": ("--judge-path",)}
-    allowed = {"python": ("--judge-fn",), "http": ("--base-url", "--judge-model", "--api-key-env"),
-               "flax": ("--judge-path",)}
-    if kind not in JUDGE_KINDS:
-        raise UserError(f"--judge must be one of {', '.join(JUDGE_KINDS)}, got {kind!r}")
-    for flag in needs[kind]:
-        if not flags[flag]:
-            raise UserError(f"--judge {kind} needs {flag}")
-    extra = [flag for flag, value in flags.items() if value is not None and flag not in allowed[kind]]
-    if extra:
-        raise UserError(f"{', '.join(extra)} cannot be used with --judge {kind}")
-
-    if kind == "python":
-        from cpe_jax.reward.judges import CallableJudge
-        from cpe_jax.rl.rollout import load_callable
-
-        fn = load_callable(judge_fn, "--judge-fn")
-        if not callable(fn):
-            raise UserError(f"--judge-fn={judge_fn!r} is not callable")
-        return CallableJudge(fn), f"python:{judge_fn}"
-    if kind == "http":
-        from cpe_jax.reward.judges import HTTPJudge
-
-        env = "OPENAI_API_KEY" if api_key_env is None else (api_key_env or None)  # "" = no key
-        judge = HTTPJudge(judge_model, base_url=base_url, api_key_env=env, max_concurrency=max_concurrency,
-                          timeout=timeout, max_retries=max_retries, backoff_base=backoff_base,
-                          max_consecutive_failures=max_consecutive_failures)
-        return judge, f"http:{judge_model}@{base_url}"
-    import cpe_jax
-    from cpe_jax.errors import require_path
-    from cpe_jax.tokenizer import load_tokenizer
-
-    try:
-        from cpe_jax.reward.flax_grm import FlaxGRMJudge
-    except ImportError:
-        raise UserError("--judge flax is not available in this installation (cpe_jax.reward.flax_grm missing)") from None
-    require_path(judge_path, "judge model directory")
-    judge = FlaxGRMJudge(cpe_jax.load_model(judge_path), load_tokenizer(judge_path))
-    return judge, f"flax:{os.path.abspath(judge_path)}"

@@ -74,11 +74,11 @@ class BTScorer:
         self._scores = jax.jit(lambda state, tokens, mask: nnx.merge(graphdef, state).score(tokens, mask))
 
     def score_array(self, examples):
-        from cpe_jax.reward.grm import _field
+        from cpe_jax.reward.grm import example_fields
         from cpe_jax.tokenizer import apply_chat_template, check_token_ids, pad_token_id
 
         def chat(i, example):
-            persona, question, response = (_field(example, name, i) for name in ("persona", "question", "response"))
+            persona, question, response = example_fields(example, i)
             prompt = example.get("messages") if isinstance(example, dict) else getattr(example, "messages", None)
             if prompt:  # the chat the policy answered, as the RM was trained on it
                 return list(prompt) + [{"role": "assistant", "content": response}]

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cpe_jax.data.prompts import DIMENSIONS, SCORE_LABELS, SCORE_MAX, SCORE_MIN, grm_messages
+from cpe_jax.data.padding import left_pad
+from cpe_jax.data.prompts import DIMENSIONS, SCORE_LABELS, SCORE_MAX, SCORE_MIN, check_grm_style, grm_messages
 from cpe_jax.errors import UserError
-from cpe_jax.reward.grm import GRMBatchResult, _field, check_weights, combine_scores
+from cpe_jax.reward.grm import GRMBatchResult, check_weights, combine_scores, example_fields
 from cpe_jax.reward.judges import JudgeReply
 
 SCORE_VALUES = tuple(range(SCORE_MIN, SCORE_MAX + 1))
@@ -255,24 +256,12 @@ class FlaxGRMJudge:
                 return jax.lax.top_k(logprobs, _LOGPROB_CANDIDATES)
 
             self._first_token_top = jax.jit(top)
-        tokens, mask = left_pad(prompts, self.sampler.pad_token_id, bucket_size(max(map(len, prompts)), 16))
+        tokens, mask, _ = left_pad(prompts, bucket_size(max(map(len, prompts)), 16), self.sampler.pad_token_id)
         values, ids = jax.device_get(self._first_token_top(self.sampler.state, tokens, mask))
         return [
             {self.tokenizer.decode([int(t)]): float(v) for t, v in zip(row_ids, row_values)}
             for row_ids, row_values in zip(ids, values)
         ]
-
-
-def left_pad(sequences, pad_id, width):
-    """int32 tokens [N, width] and a bool mask, each sequence right-aligned (its last tokens kept)."""
-    tokens = np.full((len(sequences), width), pad_id, np.int32)
-    mask = np.zeros((len(sequences), width), bool)
-    for i, ids in enumerate(sequences):
-        ids = list(ids)[-width:]
-        if ids:
-            tokens[i, width - len(ids) :] = ids
-            mask[i, width - len(ids) :] = True
-    return tokens, mask
 
 
 def critique_prefix(generated_text):
@@ -304,9 +293,10 @@ class FlaxGRMScorer:
     """
 
     def __init__(self, model, tokenizer, *, language="en", temperature=0.0, critique_temperature=0.9,
-                 weights=None, max_tokens=512, mesh=None, max_batch_size=16, seed=0):
+                 weights=None, max_tokens=512, mesh=None, max_batch_size=16, seed=0, prompt_style="full"):
         self.tokenizer = tokenizer
         self.language = language
+        self.prompt_style = check_grm_style(prompt_style)
         self.temperature = float(temperature)
         self.critique_temperature = float(critique_temperature)
         self.weights = check_weights(weights)
@@ -337,7 +327,7 @@ class FlaxGRMScorer:
 
         examples = list(examples)
         conversations = [
-            grm_messages(*[_field(e, name, i) for name in ("persona", "question", "response")], language=self.language)
+            grm_messages(*example_fields(e, i), language=self.language, style=self.prompt_style)
             for i, e in enumerate(examples)
         ]
         replies = self.judge(conversations, temperature=temperature, max_tokens=self.max_tokens)
@@ -350,8 +340,8 @@ class FlaxGRMScorer:
         for start in range(0, len(prefixes), self.max_batch_size):
             chunk = prefixes[start : start + self.max_batch_size]
             rows = bucket_size(len(chunk))
-            tokens, mask = left_pad(chunk + [[]] * (rows - len(chunk)), self.judge.sampler.pad_token_id,
-                                    bucket_size(max(map(len, chunk)), 16))
+            tokens, mask, _ = left_pad(chunk + [[]] * (rows - len(chunk)), bucket_size(max(map(len, chunk)), 16),
+                                       self.judge.sampler.pad_token_id)
             out = jax.device_get(self._expected(self.judge.sampler.state, tokens, mask, self.tables))
             for dim in DIMENSIONS:
                 per_dim[dim].append(np.asarray(out[dim][: len(chunk)], np.float64))

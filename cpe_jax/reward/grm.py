@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cpe_jax.data.prompts import DIMENSIONS, SCORE_MAX, SCORE_MIN, grm_messages
+from cpe_jax.data.prompts import DIMENSIONS, SCORE_MAX, SCORE_MIN, check_grm_style, grm_messages
 from cpe_jax.errors import JudgeUnavailable, UserError
 from cpe_jax.reward.judges import ANSWER, NO_ANSWER, ROW_ERROR
 
@@ -276,9 +276,11 @@ class GRMScorer:
         critique_temperature=0.9,
         weights=None,
         max_tokens=1024,
+        prompt_style="full",
     ):
         self.judge = judge
         self.language = language
+        self.prompt_style = check_grm_style(prompt_style)
         self.temperature = float(temperature)
         self.critique_temperature = float(critique_temperature)
         self.weights = check_weights(weights)
@@ -311,18 +313,23 @@ class GRMScorer:
                                    outcomes=[reply.outcome for reply in replies])
 
     def _messages(self, index, example):
-        fields = [_field(example, name, index) for name in ("persona", "question", "response")]
-        return grm_messages(*fields, language=self.language)
+        fields = example_fields(example, index)
+        return grm_messages(*fields, language=self.language, style=self.prompt_style)
 
 
-def _field(example, name, index):
-    """`example[name]` for a dict, `example.name` otherwise; a UserError naming the row when absent."""
-    if isinstance(example, dict):
-        if name in example:
-            return example[name]
-    elif hasattr(example, name):
-        return getattr(example, name)
-    raise UserError(f"GRM example {index} has no field {name!r} (needs persona, question, response)")
+def example_fields(example, index):
+    """(persona, question, response) of a GRM example: dict keys or attributes; a UserError naming
+    the row when one is absent."""
+
+    def field(name):
+        if isinstance(example, dict):
+            if name in example:
+                return example[name]
+        elif hasattr(example, name):
+            return getattr(example, name)
+        raise UserError(f"GRM example {index} has no field {name!r} (needs persona, question, response)")
+
+    return tuple(field(name) for name in ("persona", "question", "response"))
 
 
 # The in-framework Flax GRM (a Qwen2 checkpoint judged through the sampler) and its "expected score"

@@ -10,12 +10,13 @@ is down. The GRM scorer (`reward/grm.py`) and the pairwise evaluation judge (`ev
 are both built on this interface, so any backend serves both: a Python callable (tests,
 PersonaWorld's programmatic teacher), an OpenAI-compatible HTTP server, or an in-framework Flax
 model through the sampler.
+
+`reward.judge_factory.build_judge` is the one factory of these judges.
 """
 
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ import threading
 import time
 from typing import Callable, Optional, Protocol, Sequence, Union
 
+from cpe_jax.data.jsonl import JsonlAppender, read_finished_rows, write_jsonl_atomic
 from cpe_jax.errors import UserError
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
@@ -311,17 +313,8 @@ class RowErrorLog:
 
     def __init__(self, path, *, skip=True):
         self.path, self.skip = path, skip
-        self.rows = {}
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
-                    try:
-                        row = json.loads(line)
-                        self.rows[row["key"]] = row
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        if line.endswith("\n"):
-                            raise UserError(f"{path}:{line_no}: not a row error written by cpe-jax "
-                                            "(fix or move the file)") from None
+        self.rows = {row["key"]: row for _, row in read_finished_rows(
+            path, lambda row: isinstance(row, dict) and "key" in row, "not a row error written by cpe-jax (fix or move the file)")}
 
     def __contains__(self, key):
         return key in self.rows
@@ -337,9 +330,8 @@ class RowErrorLog:
         log.warning("%s; recorded in %s", message, self.path)
         row = {"key": key, "id": row_id, "line": line, "error": error}
         self.rows[key] = row
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with JsonlAppender(self.path) as f:
+            f.write(row)
 
     def finish(self, order):
         """Rewrite the file in the order of `order` (keys), so reruns leave the same file."""
@@ -354,14 +346,3 @@ class RowErrorLog:
         rows = list(self.rows.values())
         text = "; ".join(f"id {r['id']} (line {r['line']}): {r['error']}" for r in rows[:limit])
         return text + (f"; and {len(rows) - limit} more" if len(rows) > limit else "")
-
-
-def write_jsonl_atomic(path, rows):
-    """Write `rows` as JSONL through PATH.tmp and a rename: the file is whole or untouched."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -24,17 +24,14 @@ row is finished, OUT is rewritten in input order, so a run interrupted and resum
 file as one that never stopped.
 """
 
-import argparse
-import json
 import logging
 import os
 
-from cpe_jax.data.prompts import grm_messages
-from cpe_jax.data.jsonl import read_jsonl
+from cpe_jax.data.prompts import check_grm_style, grm_messages
+from cpe_jax.data.jsonl import JsonlAppender, read_finished_rows, read_jsonl, write_jsonl_atomic
 from cpe_jax.errors import JudgeUnavailable, UserError, require_path
 from cpe_jax.reward.grm import parse_grm_output
-from cpe_jax.reward.judges import (DEFAULT_MAX_CONSECUTIVE_FAILURES, NO_ANSWER, ROW_ERROR, FailureStreak,
-                                   RowErrorLog, write_jsonl_atomic)
+from cpe_jax.reward.judges import DEFAULT_MAX_CONSECUTIVE_FAILURES, NO_ANSWER, ROW_ERROR, FailureStreak, RowErrorLog
 
 log = logging.getLogger(__name__)
 
@@ -67,32 +64,11 @@ def row_key(row, line_no):
     return f"id:{row['id']}" if "id" in row else f"line:{line_no}"
 
 
-def _finished_rows(out_path):
-    """Keys of the rows already in OUT; a broken LAST line (interrupted write) is cut off."""
-    if not os.path.exists(out_path):
-        return {}
-    with open(out_path, encoding="utf-8") as f:
-        lines = f.readlines()
-    done, good = {}, []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-            ok = line.endswith("\n") and isinstance(row, dict) and "line" in row
-        except json.JSONDecodeError:
-            ok = False
-        if not ok:
-            if i == len(lines) - 1:
-                log.warning("%s: dropping an unfinished last line; its row is labelled again", out_path)
-                break
-            raise UserError(f"{out_path}:{i + 1}: not a row written by `cpe-jax label` (fix or move the file)")
-        done[row_key(row, row["line"])] = row
-        good.append(line)
-    if len(good) != len(lines):
-        tmp = f"{out_path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(good)
-        os.replace(tmp, out_path)
-    return done
+def finished_rows(out_path):
+    """{key: row} of the rows already in OUT (a torn last line is cut off and labelled again)."""
+    rows = read_finished_rows(out_path, lambda row: isinstance(row, dict) and "line" in row,
+                              "not a row written by `cpe-jax label` (fix or move the file)")
+    return {row_key(row, row["line"]): row for _, row in rows}
 
 
 def errors_path(out_path):
@@ -107,8 +83,10 @@ def describe_row(path, line_no, row):
 
 
 def label(judge, in_path, out_path, *, language="en", temperature=0.0, max_tokens=1024, batch_size=16,
-          progress=False, skip_row_errors=True, max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES):
-    """Judge every row of `in_path` not yet in `out_path` (nor in its errors file) and append.
+          progress=False, skip_row_errors=True, max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES,
+          prompt_style="full"):
+    """Judge every row of `in_path` not yet in `out_path` (nor in its errors file) and append; the
+    GRM prompt is rendered in `prompt_style` (`prompts.GRM_STYLES`), as the GRM will be judged with.
 
     Returns counts: rows, already_done, labelled (this run), invalid (in the whole OUT file),
     judged (rows in OUT), row_errors (rows in the errors file). Raises JudgeUnavailable (after
@@ -116,8 +94,9 @@ def label(judge, in_path, out_path, *, language="en", temperature=0.0, max_token
     """
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be >= 1")
+    check_grm_style(prompt_style)
     rows = read_label_rows(in_path)
-    done = _finished_rows(out_path)
+    done = finished_rows(out_path)
     errors = RowErrorLog(errors_path(out_path), skip=skip_row_errors)
     streak = FailureStreak(max_consecutive_failures)
     todo = [r for r in rows if r[0] not in done and r[0] not in errors]
@@ -128,18 +107,18 @@ def label(judge, in_path, out_path, *, language="en", temperature=0.0, max_token
 
         chunks = tqdm(chunks, desc="label", unit="batch")
     labelled = 0
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
 
     def remaining():
         return sum(1 for key, _, _ in rows if key not in done and key not in errors)
 
-    with open(out_path, "a", encoding="utf-8") as out:
+    with JsonlAppender(out_path, fsync=True) as out:
         for chunk in chunks:
-            prompts = [grm_messages(row["persona"], row["question"], row["response"], language) for _, _, row in chunk]
+            prompts = [grm_messages(row["persona"], row["question"], row["response"], language, style=prompt_style)
+                       for _, _, row in chunk]
             replies = judge(prompts, temperature=temperature, max_tokens=max_tokens)
             if len(replies) != len(prompts):
                 raise RuntimeError(f"judge returned {len(replies)} replies for {len(prompts)} conversations")
+            finished = []
             try:
                 for (key, line_no, row), messages, reply in zip(chunk, prompts, replies):
                     if reply.outcome == NO_ANSWER:
@@ -156,12 +135,11 @@ def label(judge, in_path, out_path, *, language="en", temperature=0.0, max_token
                         valid=judgement.valid,
                         problem=judgement.problem,
                     )
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    finished.append(record)
                     done[key] = record
                     labelled += 1
             finally:
-                out.flush()
-                os.fsync(out.fileno())
+                out.write(*finished)  # flushed and synced: an interruption loses at most the chunk in flight
             if streak.update([r.outcome for r in replies], [r.error for r in replies]):
                 raise JudgeUnavailable(streak.reason(), done=len(done) + len(errors), remaining=remaining())
             if not progress:
@@ -176,44 +154,3 @@ def label(judge, in_path, out_path, *, language="en", temperature=0.0, max_token
     invalid = sum(1 for row in done.values() if not row.get("valid", False))
     return {"rows": len(rows), "already_done": already, "labelled": labelled, "invalid": invalid,
             "judged": len(done), "unjudged": 0, "row_errors": len(errors), "errors": errors}
-
-
-def add_judge_arguments(parser, *, required=True):
-    """The `--judge {python,http,flax}` flags shared by `cpe-jax label` and `cpe-jax rm-eval`."""
-    parser.add_argument("--judge", required=required, choices=["python", "http", "flax"])
-    parser.add_argument("--judge-fn", metavar="MODULE:FUNCTION",
-                        help="--judge python: fn(messages) -> str, importable from PYTHONPATH")
-    parser.add_argument("--base-url", help="--judge http: OpenAI-compatible server, e.g. http://localhost:8000/v1")
-    parser.add_argument("--judge-model", "--model", dest="judge_model", metavar="NAME",
-                        help="--judge http: model name on the server")
-    parser.add_argument("--api-key-env", metavar="VAR", help="--judge http: environment variable holding the "
-                        "API key (default OPENAI_API_KEY; '' for a server without a key)")
-    parser.add_argument("--judge-path", metavar="DIR", help="--judge flax: judge model directory")
-    parser.add_argument("--max-concurrency", type=int, default=8, help="--judge http: requests in flight")
-    parser.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="--judge http: seconds one request may take")
-    parser.add_argument("--judge-retries", type=int, default=5,
-                        help="--judge http: retries of a timeout, connection error, 429 or 5xx")
-    parser.add_argument("--judge-backoff", type=float, default=0.5, metavar="SECONDS",
-                        help="--judge http: first retry delay (doubled each retry, at most 30 s)")
-    parser.add_argument("--max-consecutive-failures", type=int, default=DEFAULT_MAX_CONSECUTIVE_FAILURES,
-                        metavar="K", help="stop (exit code 3, finished rows kept) after K judge calls in a row "
-                        "got no answer; a rerun judges the missing rows")
-
-
-def add_row_error_argument(parser):
-    """`--skip-row-errors` (default on): record rows the judge refuses (HTTP 400/413/422) and go on."""
-    parser.add_argument("--skip-row-errors", action=argparse.BooleanOptionalAction, default=True,
-                        help="record a row the judge refuses (HTTP 400/413/422, e.g. too long) in the errors "
-                        "file and go on (default); --no-skip-row-errors stops at it (exit code 2)")
-
-
-def judge_from_arguments(args, judge_path=None):
-    """(ChatJudge, label) from the flags of `add_judge_arguments`."""
-    from cpe_jax.eval.run import build_judge
-
-    return build_judge(args.judge, judge_fn=args.judge_fn, base_url=args.base_url, judge_model=args.judge_model,
-                       api_key_env=args.api_key_env, judge_path=judge_path or args.judge_path,
-                       max_concurrency=args.max_concurrency, timeout=args.judge_timeout,
-                       max_retries=args.judge_retries, backoff_base=args.judge_backoff,
-                       max_consecutive_failures=args.max_consecutive_failures)

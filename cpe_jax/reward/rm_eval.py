@@ -30,8 +30,8 @@ import numpy as np
 from cpe_jax.data.personafeedback import CATEGORIES, TIERS, known_first
 from cpe_jax.data.prompts import DIMENSIONS
 from cpe_jax.errors import JudgeUnavailable, UserError
-from cpe_jax.reward.judges import (DEFAULT_MAX_CONSECUTIVE_FAILURES, NO_ANSWER, ROW_ERROR, FailureStreak,
-                                   RowErrorLog, write_jsonl_atomic)
+from cpe_jax.data.jsonl import JsonlAppender, read_finished_rows, write_jsonl_atomic
+from cpe_jax.reward.judges import DEFAULT_MAX_CONSECUTIVE_FAILURES, NO_ANSWER, ROW_ERROR, FailureStreak, RowErrorLog
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +52,15 @@ def _judgement_key(index, pair, side, repeat, settings=""):
     return f"{index}:{side}:{repeat}:{digest}"
 
 
-def _read_judgements(path, keys):
+def read_judgements(path, keys):
     """{key: row} of a judgements file; a torn last line is dropped, a foreign key refused."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
     rows = {}
-    for line_no, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-            key = row["key"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if line_no == len(lines) and not line.endswith("\n"):
-                log.warning("%s:%d: dropping a partly written last line", path, line_no)
-                write_jsonl_atomic(path, list(rows.values()))
-                break
-            raise UserError(f"{path}:{line_no}: not a judgement written by `cpe-jax rm-eval` "
-                            "(fix or move the file)") from None
-        if key not in keys:
-            raise UserError(f"{path}:{line_no}: judgement {key!r} belongs to other data or settings; "
+    for line_no, row in read_finished_rows(path, lambda row: isinstance(row, dict) and "key" in row,
+                                           "not a judgement written by `cpe-jax rm-eval` (fix or move the file)"):
+        if row["key"] not in keys:
+            raise UserError(f"{path}:{line_no}: judgement {row['key']!r} belongs to other data or settings; "
                             "use another --out")
-        rows[key] = row
+        rows[row["key"]] = row
     return rows
 
 
@@ -89,14 +76,14 @@ def grm_pair_scores(scorer, pairs, *, repeat=1, batch_size=32, out_dir=None, ski
     tasks = [(_judgement_key(i, pair, side, r, settings), i, side, r)
              for side in SIDES for r in range(repeat) for i, pair in enumerate(pairs)]
     cache_path = os.path.join(out_dir, JUDGEMENTS_FILE) if out_dir else None
-    done = _read_judgements(cache_path, {t[0] for t in tasks}) if cache_path else {}
+    done = read_judgements(cache_path, {t[0] for t in tasks}) if cache_path else {}
     errors = RowErrorLog(os.path.join(out_dir, ERRORS_FILE), skip=skip_row_errors) if out_dir else None
     refused = set(errors.rows) if errors else set()
     streak = FailureStreak(max_consecutive_failures)
     todo = [t for t in tasks if t[0] not in done and t[0] not in refused]
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    cache = open(cache_path, "a", encoding="utf-8") if cache_path else None
+    cache = JsonlAppender(cache_path) if cache_path else None
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -120,9 +107,7 @@ def grm_pair_scores(scorer, pairs, *, repeat=1, batch_size=32, out_dir=None, ski
                        "valid": bool(result.valid[j]), "problem": result.problems[j]}
                 done[key] = row
                 if cache:
-                    cache.write(json.dumps(row, ensure_ascii=False) + "\n")
-            if cache:
-                cache.flush()
+                    cache.write(row)
             if streak.update(result.outcomes, result.problems):
                 break  # the judge is down: stop at once
     finally:
@@ -300,3 +285,111 @@ def markdown(metrics):
         lines += ["", f"Pair verdict agreement across repeats: {100 * stab['pair_verdict_agreement']:.1f}%; "
                   f"accuracy per repeat: {', '.join(f'{100 * a:.1f}%' for a in stab['accuracy_per_repeat'])}."]
     return "\n".join(lines) + "\n"
+
+
+# ---- `cpe-jax rm-eval` --------------------------------------------------------------------------
+
+
+def main(argv):
+    """`cpe-jax rm-eval`: parse the flags, score every pair, write OUT/rm_eval.json and rm_eval.md."""
+    import argparse
+
+    from cpe_jax.data.prompts import GRM_STYLES
+    from cpe_jax.reward.judge_factory import add_judge_arguments, add_row_error_argument
+
+    p = argparse.ArgumentParser(
+        prog="cpe-jax rm-eval",
+        description="Pairwise accuracy of a reward model on PersonaFeedback (chosen scored above "
+        "rejected), per tier and specific/general; ties and unreadable GRM judgements count half. "
+        "Writes OUT/rm_eval.json, OUT/rm_eval.md and OUT/rm_eval_pairs.jsonl. With --repeat K, "
+        "each response is judged K times and judge stability is reported.",
+    )
+    p.add_argument("--data", required=True, metavar="ROOT", help="PersonaFeedback directory (either layout)")
+    p.add_argument("--rm", metavar="PATH", help="reward model directory (--rm-type bt, or a flax GRM)")
+    p.add_argument("--rm-type", required=True, choices=["grm", "bt"])
+    add_judge_arguments(p, required=False)
+    add_row_error_argument(p)
+    p.add_argument("--grm-mode", choices=["text", "expected"], default="text",
+                   help="flax GRM: parse written scores (text) or expected scores over -5..5")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--repeat", type=int, default=1, help="judge every response K times (stability)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="GRM temperature (default 0, or 0.9 - the critique temperature - with --repeat > 1)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="GRM reply length")
+    p.add_argument("--language", choices=["en", "zh"], default="en")
+    p.add_argument("--prompt-style", choices=GRM_STYLES, default="full",
+                   help="GRM prompt: the paper's rubric (full) or a one-paragraph one (compact); the one the GRM was "
+                   "distilled on")
+    p.add_argument("--categories", metavar="LIST",
+                   help="comma-separated, of general, specific (default: every category that has files; "
+                   "one named here must have them)")
+    p.add_argument("--tiers", metavar="LIST", help="comma-separated, of easy, medium (or mid), hard (default: "
+                   "all three, each of which must have a non-empty file in a category that has files)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="go on without missing or empty tier files and categories, warning with the table")
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+
+    from cpe_jax.data.personafeedback import find_pair_files, read_pairs
+    from cpe_jax.errors import require_path
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.repeat < 1 or args.batch_size < 1:
+        raise UserError(f"--repeat={args.repeat} and --batch-size={args.batch_size} must be >= 1")
+    def names(value):  # "easy, mid" -> ["easy", "mid"]; None stays None (the default)
+        return None if value is None else [n.strip() for n in value.split(",") if n.strip()]
+
+    found = find_pair_files(args.data, categories=names(args.categories), tiers=names(args.tiers),
+                            allow_missing=args.allow_missing)
+    pairs = read_pairs(found)
+    temperature = args.temperature if args.temperature is not None else (0.9 if args.repeat > 1 else 0.0)
+    info = {"rm_type": args.rm_type, "data": os.path.abspath(args.data), "repeat": args.repeat}
+    if args.rm_type == "bt":
+        if args.judge or args.repeat > 1 or not args.rm:
+            raise UserError("--rm-type bt needs --rm and takes no --judge or --repeat")
+        from cpe_jax.reward.bt import BTRewardModel
+        from cpe_jax.tokenizer import load_tokenizer
+
+        path = require_path(args.rm, "reward model directory")
+        scores = bt_pair_scores(BTRewardModel.load(path), load_tokenizer(path), pairs,
+                                        batch_size=args.batch_size, language=args.language)
+        info["rm"] = os.path.abspath(path)
+    else:
+        kind = args.judge or "flax"
+        if kind != "flax" and args.rm:
+            raise UserError(f"--rm is the flax GRM's directory; it cannot be used with --judge {kind}")
+        if kind != "flax" and args.grm_mode == "expected":
+            raise UserError("--grm-mode expected needs a flax GRM (--rm)")
+        if kind == "flax" and not (args.rm or args.judge_path):
+            raise UserError("--rm-type grm needs --rm (a flax GRM directory) or --judge python/http")
+        if kind == "flax" and args.grm_mode == "expected":
+            import cpe_jax
+            from cpe_jax.reward.flax_grm import FlaxGRMScorer
+            from cpe_jax.tokenizer import load_tokenizer
+
+            path = require_path(args.rm or args.judge_path, "GRM directory")
+            scorer = FlaxGRMScorer(cpe_jax.load_model(path), load_tokenizer(path), language=args.language,
+                                   temperature=temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style)
+            info["rm"] = f"flax-expected:{os.path.abspath(path)}"
+        else:
+            from cpe_jax.reward.grm import GRMScorer
+            from cpe_jax.reward.judge_factory import judge_from_arguments
+
+            args.judge = kind
+            judge, info["rm"] = judge_from_arguments(args, judge_path=args.rm)
+            scorer = GRMScorer(judge, language=args.language, temperature=temperature, max_tokens=args.max_tokens,
+                               prompt_style=args.prompt_style)
+        info["temperature"] = temperature
+        scores = grm_pair_scores(scorer, pairs, repeat=args.repeat, batch_size=args.batch_size,
+                                         out_dir=args.out, skip_row_errors=args.skip_row_errors,
+                                         max_consecutive_failures=args.max_consecutive_failures,
+                                         settings=json.dumps([kind, args.judge_model or args.judge_fn or info["rm"],
+                                                              args.grm_mode, temperature, args.max_tokens,
+                                                              args.language, args.prompt_style]))
+    metrics = evaluate(pairs, scores, args.out, info=info, notes=found.notes)
+    overall = metrics["accuracy"]["overall"]
+    for note in found.notes:
+        print(note)
+    print(f"n={overall['n']} accuracy {100 * overall['accuracy']:.1f}% (ties {overall['ties']}, "
+          f"invalid {overall['invalid']}); table in {os.path.join(args.out, 'rm_eval.md')}")
+    return 0

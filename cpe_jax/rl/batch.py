@@ -8,6 +8,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from cpe_jax import sampling
 from cpe_jax.sampling import SampleConfig
 
 # Every random draw of a step comes from fold_in(step key, stream); per-row draws fold the row id in
@@ -22,8 +23,7 @@ def stream_key(step_key, stream):
 
 def row_keys(step_key, stream, row_ids):
     """One key per row of a named stream: [N] keys from [N] row ids (jit-safe)."""
-    base = stream_key(step_key, stream)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(row_ids, jnp.uint32))
+    return sampling.row_keys(stream_key(step_key, stream), row_ids)
 
 
 @flax.struct.dataclass

@@ -339,6 +339,7 @@ class FusedCPEStep:
 
     def __init__(self, trainer):
         import cpe_jax
+        from cpe_jax.models.qwen2.params import load_options
         from cpe_jax.sharding import replicated
         from cpe_jax.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
 
@@ -352,7 +353,7 @@ class FusedCPEStep:
         if not _same_vocabulary(grm_tokenizer, trainer.tokenizer):
             raise UserError(f"config field grm.fused: the GRM at grm.path={g.path!r} has another vocabulary "
                             "than the policy; the fused step joins their tokens directly (set grm.fused=False)")
-        grm_model = cpe_jax.load_model(g.path, mesh=self.mesh, dtype=config.get("dtype") or None)
+        grm_model = cpe_jax.load_model(g.path, mesh=self.mesh, dtype=config.dtype, **load_options(config))
         self.grm_graphdef, self.grm_state = nnx.split(grm_model)
         vocab_size = trainer.policy_config.vocab_size
         policy_eos = eos_token_ids(trainer.tokenizer, config.policy, vocab_size)

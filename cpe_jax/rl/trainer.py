@@ -149,6 +149,7 @@ class Trainer(TrainLoop):
     def __init__(self, config, workdir):
         import cpe_jax
         from cpe_jax.models.heads import ValueModel
+        from cpe_jax.models.qwen2.params import load_options
         from cpe_jax.rl.rollout import Rollout
         from cpe_jax.sharding import replicated
         from cpe_jax.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
@@ -159,10 +160,10 @@ class Trainer(TrainLoop):
         self.total_steps = config.total_steps
         self.mesh = validate_config(config, jax.device_count())
         os.makedirs(workdir, exist_ok=True)
-        dtype = config.get("dtype") or None
+        dtype, options = config.dtype, load_options(config)
         self.tokenizer = load_tokenizer(config.get("tokenizer") or config.policy)
-        policy = cpe_jax.load_model(config.policy, mesh=self.mesh, dtype=dtype)
-        critic_base = cpe_jax.load_model(config.get("critic") or config.policy, mesh=self.mesh, dtype=dtype)
+        policy = cpe_jax.load_model(config.policy, mesh=self.mesh, dtype=dtype, **options)
+        critic_base = cpe_jax.load_model(config.get("critic") or config.policy, mesh=self.mesh, dtype=dtype, **options)
         if config.get("remat"):
             policy.config = policy.config.replace(remat=config.remat)
             critic_base.config = critic_base.config.replace(remat=config.remat)
@@ -330,7 +331,9 @@ def default_config():
     c.policy = ""  # HF directory or cpe_jax checkpoint of the SFT policy
     c.critic = ""  # defaults to the policy (the paper initialises the critic from the SFT policy)
     c.tokenizer = ""  # defaults to the policy directory
-    c.dtype = ""  # compute dtype; "" = bfloat16 on TPU, float32 elsewhere
+    c.dtype = ""  # compute dtype; "" = bfloat16 on TPU/GPU and on CPUs with AMX, float32 elsewhere
+    c.attention = ""  # auto | xla | cpu_blocked | splash | flash | cudnn ("" = auto: by backend)
+    c.scan_layers = None  # decoder layers as one scanned stack; None = on for TPU/GPU, off on CPU
     c.remat = ""  # policy/critic rematerialization: none | full | dots | dots_no_batch ("" = as loaded)
     c.model_preset = ""  # architecture `cpe-jax plan` assumes before the checkpoint exists, e.g. qwen2.5-7b
     c.language = "en"

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpe_jax.errors import UserError
+from cpe_jax.models.qwen2.attention import (
+    ATTENTION_CHOICES, fused_causal_attention, resolve_attention, uses_cpu_kernels)
 from cpe_jax.sharding import LOGICAL_AXIS_RULES, logical_to_spec
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ class Qwen2Config:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
+    # Runtime choices, not part of the checkpoint (never written to config.json):
+    attention: str = "auto"  # one of ATTENTION_CHOICES; auto = by backend (see attention.py)
+    scan_layers: Optional[bool] = None  # decoder layers as one nnx.scan; None = on TPU/GPU, off on CPU
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -71,6 +76,10 @@ class Qwen2Config:
             )
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise UserError(f"attention={self.attention!r} is not one of {list(ATTENTION_CHOICES)}")
+        if self.scan_layers not in (None, True, False):
+            raise UserError(f"scan_layers={self.scan_layers!r} is not true, false or unset")
         for field in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, field))
@@ -81,6 +90,13 @@ class Qwen2Config:
         return dataclasses.replace(self, **changes)
 
     @property
+    def scanned(self) -> bool:
+        """Whether the decoder layers are one scanned, stacked module (`scan_layers`, by backend when unset)."""
+        if self.scan_layers is None:
+            return jax.default_backend() in ("tpu", "gpu")
+        return bool(self.scan_layers)
+
+    @property
     def num_parameters(self) -> int:
         e, d = self.hidden_size, self.head_dim
         h, kv = self.num_attention_heads, self.num_key_value_heads
@@ -88,6 +104,16 @@ class Qwen2Config:
         layer = attn + 3 * e * self.intermediate_size + 2 * e
         head = 0 if self.tie_word_embeddings else self.vocab_size * e
         return self.vocab_size * e + self.num_hidden_layers * layer + e + head
+
+    def flops_per_token(self, context: int = 0) -> int:
+        """Matmul FLOPs of one token's forward pass attending to `context` tokens: 2 per weight
+        of every dense layer and the LM head (an embedding lookup costs none) plus QK^T and AV.
+        A training token costs 3x this (forward + backward), as in MFU accounting."""
+        e, d = self.hidden_size, self.head_dim
+        h, kv = self.num_attention_heads, self.num_key_value_heads
+        layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * self.intermediate_size
+        weights = self.num_hidden_layers * layer + self.vocab_size * e  # + the LM head
+        return 2 * weights + 4 * self.num_hidden_layers * h * d * int(context)
 
     # ---- Hugging Face config.json -------------------------------------------------------------
     _HF_FIELDS = (
@@ -284,14 +310,20 @@ def rotary(x, positions, theta):
 
 
 def _dense(x, kernel, bias=None, out_dtype=None):
-    """x [B, T, E] times kernel [E, ...] (+ bias [...]) as ONE 2-D [B*T, E] matmul accumulating
-    in float32, the kernel and bias cast to x's dtype.
+    """x [B, T, E] times kernel [E, ...] (+ bias [...]), the kernel and bias cast to x's dtype: a
+    plain dot_general on TPU and GPU; on CPU ONE 2-D [B*T, E] matmul accumulating in float32.
 
     2-D because XLA:CPU emits the backward pass of a 3-D dot with slow fused transposes (~2x the
     cost of the whole MLP backward); a float32 result, with the bias added in float32, because
     XLA:CPU runs a bfloat16-output dot as a float32 one (bfloat16 x bfloat16 -> float32 runs on
     AMX, ~5x faster) and sums a bfloat16 bias gradient through a slow exact reduction."""
     b, t, e = x.shape
+    if not uses_cpu_kernels():
+        out = jnp.einsum("bte,ef->btf", x, kernel.astype(x.dtype).reshape(e, -1),
+                         preferred_element_type=out_dtype)
+        if bias is not None:
+            out = out + bias.astype(out.dtype).reshape(-1)
+        return out.astype(out_dtype or x.dtype).reshape(b, t, *kernel.shape[1:])
     x2, k2 = x.reshape(b * t, e), kernel.astype(x.dtype).reshape(e, -1)
     out = jnp.dot(x2, k2) if x.dtype == jnp.float32 else _low_precision_matmul(x2, k2)
     if bias is not None:
@@ -344,12 +376,65 @@ def _swap_minor(a):
 
 
 def query_blocks(t, block):
+    """[(start, stop)]: the query rows [0, t) in blocks of `block` rows."""
     return [(start, min(start + block, t)) for start in range(0, t, block)]
 
 
-def _causal_allowed(start, stop, key_mask):
-    """[B, stop - start, stop]: query t in [start, stop) may see key s <= t where the key is valid."""
-    causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+def causal_score_fraction(t, block=QUERY_BLOCK):
+    """The fraction of the [t, t] score matrix the blocked kernel computes (each block's rows
+    against the keys up to its run's end, see `query_runs`)."""
+    return sum(rows * count * (start + rows * count) for start, rows, count in query_runs(t, block)) / t**2
+
+
+MAX_QUERY_RUNS = 4  # at most this many compiled loop bodies per attention, whatever the length
+
+
+def query_runs(t, block, max_runs=MAX_QUERY_RUNS):
+    """[(start, rows, count)]: the query rows [0, t) as runs of `count` blocks of `rows` rows each,
+    a run's keys ending at its last row. Each run is one compiled loop over its blocks, so the
+    program does not grow with the length; a run of c blocks computes c(c-1)/2 block pairs of the
+    upper triangle that a per-block key range would skip (none up to max_runs blocks, 17% more
+    score entries at 2048 tokens; XLA:CPU compiles each loop body in ~1 s, so few runs keep the
+    compile time flat). A last partial block is a run of its own."""
+    full, rest = divmod(t, block)
+    runs, start = [], 0
+    if full:
+        n = min(full, max_runs)
+        for i in range(n):
+            count = full // n + (1 if i < full % n else 0)
+            runs.append((start, block, count))
+            start += count * block
+    if rest:
+        runs.append((start, rest, 1))
+    return runs
+
+
+def _rows(x, start, size, axis):
+    """x[..., start:start + size, ...] along `axis`; a static slice for a Python int start."""
+    if isinstance(start, int):
+        return jax.lax.slice_in_dim(x, start, start + size, axis=axis)
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _over_blocks(body, carry, start, rows, count):
+    """Run body(carry, block_start) -> (carry, out) over a run's `count` blocks: straight-line code
+    for one block, else a compiled loop whose outputs are joined along a new leading axis."""
+    if count == 1:
+        carry, out = body(carry, start)
+        return carry, jax.tree.map(lambda a: a[None], out)
+    return jax.lax.scan(lambda c, i: body(c, start + i * rows), carry, jnp.arange(count))
+
+
+def _joined_blocks(stacked, axis):
+    """[count, ...] per-block outputs joined block after block along `axis` (of one block's array)."""
+    moved = jnp.moveaxis(stacked, 0, axis)
+    shape = moved.shape
+    return moved.reshape(shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2:])
+
+
+def _causal_allowed(start, rows, stop, key_mask):
+    """[B, rows, stop]: query t in [start, start + rows) may see key s <= t where the key is valid."""
+    causal = jnp.arange(stop)[None, :] <= (start + jnp.arange(rows))[:, None]
     return causal[None] & key_mask[:, None, :stop]
 
 
@@ -358,10 +443,10 @@ def _causal_attention(q, k, v, key_mask, groups, block):
     """Causal softmax attention without a cache, flash style: q [B, KVH, T*G, D] (rows t-major,
     the G query heads of a kv head side by side), k, v [B, KVH, T, D], key_mask [B, T].
 
-    Query block i only meets keys before its end, which skips most of the upper triangle; the
-    backward pass recomputes the probabilities from the saved log-sum-exp instead of keeping a
-    [T, T] matrix per head, and every matmul in both passes reads row-major operands (the fast
-    form on XLA:CPU, AMX for bfloat16)."""
+    A query block only meets keys before the end of its run (`query_runs`), which skips most of
+    the upper triangle; the backward pass recomputes the probabilities from the saved
+    log-sum-exp instead of keeping a [T, T] matrix per head, and every matmul in both passes
+    reads row-major operands (the fast form on XLA:CPU, AMX for bfloat16)."""
     return _causal_attention_fwd(q, k, v, key_mask, groups, block)[0]
 
 
@@ -376,14 +461,21 @@ def _masked_scores(scores, allowed, groups):
 def _causal_attention_fwd(q, k, v, key_mask, groups, block):
     scale = q.shape[-1] ** -0.5
     outs, lses = [], []
-    for start, stop in query_blocks(k.shape[2], block):
-        scores = _matmul(q[:, :, start * groups: stop * groups], _swap_minor(k[:, :, :stop])) * scale
-        scores = _masked_scores(scores, _causal_allowed(start, stop, key_mask), groups)
-        top = jnp.max(scores, axis=-1, keepdims=True)
-        probs = jnp.exp(scores - top)
-        total = jnp.sum(probs, axis=-1, keepdims=True)
-        outs.append(_matmul(probs.astype(v.dtype), v[:, :, :stop]) / total)
-        lses.append((top + jnp.log(total))[..., 0])
+    for start, rows, count in query_runs(k.shape[2], block):
+        stop = start + rows * count
+        k_t, v_run = _swap_minor(k[:, :, :stop]), v[:, :, :stop]
+
+        def body(carry, row_start, rows=rows, stop=stop, k_t=k_t, v_run=v_run):
+            scores = _matmul(_rows(q, row_start * groups, rows * groups, 2), k_t) * scale
+            scores = _masked_scores(scores, _causal_allowed(row_start, rows, stop, key_mask), groups)
+            top = jnp.max(scores, axis=-1, keepdims=True)
+            probs = jnp.exp(scores - top)
+            total = jnp.sum(probs, axis=-1, keepdims=True)
+            return carry, (_matmul(probs.astype(v_run.dtype), v_run) / total, (top + jnp.log(total))[..., 0])
+
+        _, (out, lse) = _over_blocks(body, None, start, rows, count)
+        outs.append(_joined_blocks(out, 2))
+        lses.append(_joined_blocks(lse, 2))
     out = jnp.concatenate(outs, axis=2).astype(q.dtype)
     lse = jnp.concatenate(lses, axis=2)
     return out, (q, k, v, key_mask, out, lse)
@@ -391,36 +483,42 @@ def _causal_attention_fwd(q, k, v, key_mask, groups, block):
 
 def _causal_attention_bwd(groups, block, residuals, d_out):
     """Flash-attention backward in key-major form: with s^T = k q^T every product below is a
-    row-major matmul; only q^T, dO^T and dq are transposed copies."""
+    row-major matmul; only q^T, dO^T, k^T and dq are transposed copies."""
     q, k, v, key_mask, out, lse = residuals
     scale = q.shape[-1] ** -0.5
     dt = q.dtype
+    t = k.shape[2]
     d_out = d_out.astype(dt)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, KVH, R]
     q_t, d_out_t = _swap_minor(q), _swap_minor(d_out)
-    blocks = query_blocks(k.shape[2], block)
-    dk_parts, dv_parts = [[] for _ in blocks], [[] for _ in blocks]
-    dq_t = []
-    for i, (start, stop) in enumerate(blocks):
-        rows = slice(start * groups, stop * groups)
-        k_i, v_i = k[:, :, :stop], v[:, :, :stop]
-        scores_t = _matmul(k_i, q_t[..., rows]) * scale  # [B, KVH, stop, R_i]
-        allowed_t = jnp.swapaxes(_causal_allowed(start, stop, key_mask), 1, 2)
-        b, kvh, s, r = scores_t.shape
-        scores_t = jnp.where(allowed_t[:, None, :, :, None], scores_t.reshape(b, kvh, s, r // groups, groups),
-                             _MASK_VALUE).reshape(b, kvh, s, r)
-        probs_t = jnp.exp(scores_t - lse[:, :, None, rows])
-        dv_i = _matmul(probs_t.astype(dt), d_out[:, :, rows])
-        dprobs_t = _matmul(v_i, d_out_t[..., rows])
-        dscores_t = (probs_t * (dprobs_t - delta[:, :, None, rows]) * scale).astype(dt)
-        dk_i = _matmul(dscores_t, q[:, :, rows])
-        dq_t.append(_matmul(_swap_minor(k_i), dscores_t))
-        for j, (key_start, key_stop) in enumerate(blocks[: i + 1]):
-            dk_parts[j].append(dk_i[:, :, key_start:key_stop])
-            dv_parts[j].append(dv_i[:, :, key_start:key_stop])
+    dq_t, dk, dv = [], 0.0, 0.0
+    for start, rows, count in query_runs(t, block):
+        stop = start + rows * count
+        k_run, v_run = k[:, :, :stop], v[:, :, :stop]
+        k_run_t = _swap_minor(k_run)
+
+        def body(carry, row_start, rows=rows, stop=stop, k_run=k_run, v_run=v_run, k_run_t=k_run_t):
+            r0, r = row_start * groups, rows * groups
+            scores_t = _matmul(k_run, _rows(q_t, r0, r, 3)) * scale  # [B, KVH, stop, r]
+            allowed_t = jnp.swapaxes(_causal_allowed(row_start, rows, stop, key_mask), 1, 2)
+            b, kvh = scores_t.shape[:2]
+            scores_t = jnp.where(allowed_t[:, None, :, :, None], scores_t.reshape(b, kvh, stop, rows, groups),
+                                 _MASK_VALUE).reshape(b, kvh, stop, r)
+            probs_t = jnp.exp(scores_t - _rows(lse, r0, r, 2)[:, :, None, :])
+            d_out_i = _rows(d_out, r0, r, 2)
+            dv_i = _matmul(probs_t.astype(dt), d_out_i)
+            dprobs_t = _matmul(v_run, _rows(d_out_t, r0, r, 3))
+            dscores_t = (probs_t * (dprobs_t - _rows(delta, r0, r, 2)[:, :, None, :]) * scale).astype(dt)
+            dk_i = _matmul(dscores_t, _rows(q, r0, r, 2))
+            dk_sum, dv_sum = carry
+            return (dk_sum + dk_i, dv_sum + dv_i), _matmul(k_run_t, dscores_t)
+
+        zeros = jnp.zeros(k_run.shape, jnp.float32)
+        (dk_run, dv_run), dq_run_t = _over_blocks(body, (zeros, zeros), start, rows, count)
+        dq_t.append(_joined_blocks(dq_run_t, 3))
+        pad = ((0, 0), (0, 0), (0, t - stop), (0, 0))
+        dk, dv = dk + jnp.pad(dk_run, pad), dv + jnp.pad(dv_run, pad)
     dq = _swap_minor(jnp.concatenate(dq_t, axis=-1))
-    dk = jnp.concatenate([sum(parts) for parts in dk_parts], axis=2)
-    dv = jnp.concatenate([sum(parts) for parts in dv_parts], axis=2)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -511,7 +609,8 @@ class Attention(nnx.Module):
         self.v_bias = _param(rngs, zeros, (kv, d), pd, ("kv_heads", "head_dim"))
         self.o_kernel = _param(rngs, init, (h, d, e), pd, ("heads", "head_dim", "embed"))
 
-    def __call__(self, x, positions, mask, cache_kv, cache_end):
+    def __call__(self, x, positions, mask, cache_kv, cache_end, attention="cpu_blocked"):
+        """`attention` is the resolved kernel for cache-less attention (see attention.py)."""
         cfg, dt = self.cfg, x.dtype
         b, t = x.shape[:2]
         kvh, d = cfg.num_key_value_heads, cfg.head_dim
@@ -521,6 +620,11 @@ class Attention(nnx.Module):
         v = _dense(x, self.v_kernel[...], self.v_bias[...])
         q = constrain(rotary(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
         k = rotary(k, positions, cfg.rope_theta)
+        if cache_kv is None and attention != "cpu_blocked":
+            key_mask = mask.astype(bool)
+            k, v = (jnp.where(key_mask[:, :, None, None], a, jnp.zeros((), a.dtype)) for a in (k, v))
+            out = fused_causal_attention(q, k, v, key_mask, attention)
+            return _dense(out.reshape(b, t, -1), self.o_kernel[...].reshape(-1, cfg.hidden_size)), None
         # Head-major [B, KVH, T, D] (the cache layout): both attention matmuls then batch over
         # (b, kv head) and contract the minor dimensions, so the cache is never transposed.
         q = q.reshape(b, t, kvh, groups, d).transpose(0, 2, 3, 1, 4)
@@ -583,15 +687,48 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache_kv, cache_end):
-        attn_out, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, cache_end)
+    def __call__(self, x, positions, mask, cache_kv, cache_end, attention="cpu_blocked"):
+        attn_out, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, cache_end, attention)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_norm(x))
         return constrain(x, ("batch", "length", "embed")), cache_kv
 
 
-def _run_layer(layer, x, positions, mask, cache_kv, cache_end):
-    return layer(x, positions, mask, cache_kv, cache_end)
+def _layer_runner(attention):
+    """layer(x, positions, mask, cache_kv, cache_end) with the attention kernel fixed (a closure,
+    not an argument: nnx.remat takes positional array arguments only)."""
+
+    def run(layer, x, positions, mask, cache_kv, cache_end):
+        return layer(x, positions, mask, cache_kv, cache_end, attention)
+
+    return run
+
+
+LAYER_AXIS = None  # logical axis of the stacked layer dimension: replicated (one layer per scan step)
+
+
+def stacked_layers(config: Qwen2Config, rngs: nnx.Rngs) -> DecoderLayer:
+    """ONE DecoderLayer whose parameters carry a leading [num_hidden_layers] axis (layer i's
+    weights at index i, each layer initialised from its own key), for `nnx.scan`."""
+
+    @nnx.split_rngs(splits=config.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(layer_rngs):
+        return DecoderLayer(config, rngs=layer_rngs)
+
+    layers = make(rngs)
+    for _, var in nnx.iter_graph(layers):
+        if isinstance(var, nnx.Variable):
+            var.set_metadata("logical_axes", (LAYER_AXIS,) + tuple(var.get_metadata()["logical_axes"]))
+    return layers
+
+
+def map_layers(fn, *per_layer):
+    """fn applied to each layer's entry of KV-cache parts (`cache["k"]`, `cache["v"]`): a tuple of
+    per-layer arrays (unrolled stack) or one stacked [L, ...] array (scanned stack)."""
+    if isinstance(per_layer[0], (tuple, list)):
+        return tuple(map(fn, *per_layer))
+    return jax.vmap(fn)(*per_layer)
 
 
 # ---- model -----------------------------------------------------------------------------------
@@ -599,11 +736,15 @@ def _run_layer(layer, x, positions, mask, cache_kv, cache_end):
 
 class Qwen2ForCausalLM(nnx.Module):
     def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
-        self.config = config
         init = nnx.initializers.normal(config.initializer_range)
         e, v, pd = config.hidden_size, config.vocab_size, config.param_dtype
         self.embed = _param(rngs, init, (v, e), pd, ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        config = config.replace(scan_layers=config.scanned)
+        self.config = config
+        if config.scan_layers:
+            self.layers = stacked_layers(config, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.final_norm = RMSNorm(e, config.rms_norm_eps, pd, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, init, (e, v), pd, ("embed", "vocab"))
@@ -621,23 +762,30 @@ class Qwen2ForCausalLM(nnx.Module):
         x = constrain(jnp.take(self.embed[...], valid_tokens(tokens, mask, cache), axis=0).astype(dt),
                       ("batch", "length", "embed"))
 
-        run = _run_layer
+        # The model's config (not the one the layers were built with) decides attention and remat:
+        # both may be changed on a loaded model.
+        attention = resolve_attention(cfg.attention)
         policy = REMAT_POLICIES[cfg.remat]
-        if cfg.remat != "none":
-            run = nnx.remat(_run_layer, policy=policy)
         cache_end = cache["end"] if cache is not None else None
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            cache_kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
-            x, cache_kv = run(layer, x, positions, mask, cache_kv, cache_end)
-            if cache is not None:
-                new_k.append(cache_kv[0])
-                new_v.append(cache_kv[1])
+        if not isinstance(self.layers, nnx.List):  # scanned: one stacked DecoderLayer
+            x, new_k, new_v = self._scanned_layers(x, positions, mask, cache, attention, policy)
+        else:
+            run = _layer_runner(attention)
+            if cfg.remat != "none":
+                run = nnx.remat(run, policy=policy)
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                cache_kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
+                x, cache_kv = run(layer, x, positions, mask, cache_kv, cache_end)
+                if cache is not None:
+                    new_k.append(cache_kv[0])
+                    new_v.append(cache_kv[1])
+            new_k, new_v = tuple(new_k), tuple(new_v)
         hidden = self.final_norm(x)
 
         new_cache = None
         if cache is not None:
-            new_cache = {"k": tuple(new_k), "v": tuple(new_v), "end": cache["end"] + tokens.shape[1]}
+            new_cache = {"k": new_k, "v": new_v, "end": cache["end"] + tokens.shape[1]}
         logits = None
         if not skip_logits:
             head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
@@ -646,6 +794,25 @@ class Qwen2ForCausalLM(nnx.Module):
         if return_hidden:
             return logits, new_cache, hidden
         return logits, new_cache
+
+    def _scanned_layers(self, x, positions, mask, cache, attention, policy):
+        """The stacked layers as ONE compiled body under `jax.lax.scan` (remat, if any, inside the
+        body), walking the stacked [L, ...] cache with them. A plain lax.scan over the split layer
+        state, not nnx.scan: the model may be merged outside the trace that calls it (a decode
+        while_loop)."""
+        layer_def, layer_state = nnx.split(self.layers)
+        cache_end = cache["end"] if cache is not None else None
+
+        def body(x, per_layer):
+            state, cache_kv = per_layer
+            return nnx.merge(layer_def, state)(x, positions, mask, cache_kv, cache_end, attention)
+
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        cache_kv = (cache["k"], cache["v"]) if cache is not None else None
+        x, cache_kv = jax.lax.scan(body, x, (layer_state, cache_kv))
+        new_k, new_v = cache_kv if cache is not None else (None, None)
+        return x, new_k, new_v
 
     def vocabulary_logits(self, hidden):
         """Logits [B, V] float32 of final hidden states [B, E]: the head at the positions a sampler
@@ -662,14 +829,18 @@ CACHE_LOGICAL_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 def init_cache(config: Qwen2Config, batch_size: int, max_length: int, dtype=None) -> dict:
     """Preallocated KV cache for `max_length` slots per row, in the compute dtype by default.
 
-    One array per layer, head-major [B, KVH, S, D]: a head's keys are contiguous, which is the
-    layout the attention matmuls read (a slot-major cache costs a transpose per layer and step),
-    and a layer's cache is its own buffer (slicing it out of a stacked [L, ...] array is a copy
-    per layer and step on XLA:CPU)."""
+    Head-major [B, KVH, S, D] per layer: a head's keys are contiguous, which is the layout the
+    attention matmuls read (a slot-major cache costs a transpose per layer and step). Unrolled
+    layers get one buffer per layer (slicing a layer out of a stacked [L, ...] array is a copy per
+    layer and step on XLA:CPU); scanned layers (`config.scanned`) one stacked [L, B, KVH, S, D]
+    array that the scan walks. `map_layers` applies a function per layer to either form."""
     shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
 
     def zeros():
+        if config.scanned:
+            return constrain(jnp.zeros((config.num_hidden_layers,) + shape, dtype),
+                             (LAYER_AXIS,) + CACHE_LOGICAL_AXES)
         return tuple(constrain(jnp.zeros(shape, dtype), CACHE_LOGICAL_AXES)
                      for _ in range(config.num_hidden_layers))
 

@@ -2,15 +2,20 @@
 
 Loading streams tensor by tensor from `model.safetensors` or a sharded index: each tensor is
 memory-mapped, converted to our layout and placed straight into its target sharding, so host
-memory holds about one tensor at a time. Export writes safetensors shards (<= max_shard_size) with
-an index, `config.json`, `generation_config.json` whenever the model has EOS ids, and the tokenizer
-files, with `model_max_length` set to the model's positions.
+memory holds about one tensor at a time. A scanned model (`Qwen2Config.scan_layers`) keeps each
+layer parameter as one stacked [L, ...] array: the same table maps layer i's tensor to index i of
+it, written in place on the devices at load and read back one layer at a time at export.
+
+Export writes safetensors shards (<= max_shard_size) with an index, `config.json`,
+`generation_config.json` whenever the model has EOS ids, and the tokenizer files, with
+`model_max_length` set to the model's positions.
 """
 
 import json
 import logging
 import os
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -84,17 +89,33 @@ def hf_shape(layout, flax_shape):
     return to_hf(np.empty(flax_shape, dtype=np.int8), layout).shape
 
 
-def name_map(config: Qwen2Config):
-    """[(hf_name, our_path, layout)] for this config, layers expanded, tied head dropped."""
+def param_rows(config: Qwen2Config):
+    """[(hf_name, our_path, layout, layer)] for this config, layers expanded, tied head dropped.
+    `layer` is the index into a stacked parameter (scanned layers), else None."""
     rows = []
     for hf_name, path, layout in PARAM_TABLE:
         if path == "lm_head" and config.tie_word_embeddings:
             continue
-        if "{i}" in hf_name:
-            rows += [(hf_name.format(i=i), path.format(i=i), layout) for i in range(config.num_hidden_layers)]
+        if "{i}" not in hf_name:
+            rows.append((hf_name, path, layout, None))
+        elif config.scanned:
+            rows += [(hf_name.format(i=i), path.replace("{i}.", ""), layout, i)
+                     for i in range(config.num_hidden_layers)]
         else:
-            rows.append((hf_name, path, layout))
+            rows += [(hf_name.format(i=i), path.format(i=i), layout, None)
+                     for i in range(config.num_hidden_layers)]
     return rows
+
+
+def name_map(config: Qwen2Config):
+    """[(hf_name, our_path, layout)] for this config (see `param_rows`)."""
+    return [row[:3] for row in param_rows(config)]
+
+
+def layer_shape(var, layer):
+    """The shape one HF tensor fills in `var`: a stacked parameter's per-layer slice, else all of it."""
+    shape = tuple(var.get_value().shape)
+    return shape if layer is None else shape[1:]
 
 
 def _path_str(path):
@@ -109,10 +130,27 @@ def abstract_model(config: Qwen2Config):
     return graphdef, state, flat
 
 
-def param_sharding(var, mesh):
+def param_sharding(var, mesh, *, per_layer=False):
+    """The sharding of `var` on `mesh` (one device without a mesh); with per_layer, of one layer's
+    slice of a stacked parameter."""
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return logical_sharding(mesh, var.get_metadata()["logical_axes"], var.get_value().shape)
+    axes, shape = var.get_metadata()["logical_axes"], var.get_value().shape
+    if per_layer:
+        axes, shape = axes[1:], shape[1:]
+    return logical_sharding(mesh, axes, shape)
+
+
+@partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, layer, value):
+    """stacked [L, ...] with index `layer` replaced by value [...], in place (donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), layer, 0)
+
+
+def _empty_stacked(var, mesh):
+    value = var.get_value()
+    sharding = param_sharding(var, mesh)
+    return jax.jit(lambda: jnp.zeros(value.shape, value.dtype), out_shardings=sharding)()
 
 
 def place(host_array, sharding):
@@ -179,34 +217,86 @@ def _progress(iterable, total, desc, enabled):
     return tqdm(iterable, total=total, desc=desc, unit="tensor")
 
 
-def default_compute_dtype():
-    return "bfloat16" if jax.default_backend() == "tpu" else "float32"
+def default_compute_dtype(dtype=None):
+    """The compute dtype for `dtype`: itself when named; None (the library default) is bfloat16
+    on TPU and float32 elsewhere (exact results on CPU); "" (a config's "choose for me") is
+    bfloat16 on TPU and GPU and, on CPU, bfloat16 only where the CPU has native bfloat16 matmuls
+    (`cpe_jax.hardware.cpu_prefers_bfloat16`, which logs the choice), float32 elsewhere."""
+    if dtype:
+        return dtype
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "bfloat16"
+    if dtype is None:
+        return "float32"
+    if backend == "gpu":
+        return "bfloat16"
+    from cpe_jax.hardware import cpu_prefers_bfloat16
+
+    return "bfloat16" if cpu_prefers_bfloat16() else "float32"
 
 
-def load_hf(model_dir, *, dtype=None, param_dtype=None, mesh=None, progress=False):
+def runtime_overrides(attention=None, scan_layers=None):
+    """Qwen2Config fields a load may set that no checkpoint stores (None = the config's default)."""
+    out = {}
+    if attention is not None:
+        out["attention"] = attention
+    if scan_layers is not None:
+        out["scan_layers"] = scan_layers
+    return out
+
+
+def load_options(config) -> dict:
+    """`load_model` keyword arguments from a command's ml_collections config: its optional fields
+    `attention` ("" or absent = auto) and `scan_layers` (None or absent = by backend), checked
+    against the config field names (exit 2 naming the field)."""
+    from cpe_jax.config import check
+    from cpe_jax.models.qwen2.attention import ATTENTION_CHOICES
+
+    attention = config.get("attention") or None
+    check(attention is None or attention in ATTENTION_CHOICES, "attention",
+          f"must be one of {', '.join(map(repr, ATTENTION_CHOICES))}, got {attention!r}")
+    scan_layers = config.get("scan_layers")
+    check(scan_layers in (None, True, False), "scan_layers", f"must be true, false or None, got {scan_layers!r}")
+    return runtime_overrides(attention, scan_layers)
+
+
+def load_hf(model_dir, *, dtype=None, param_dtype=None, mesh=None, progress=False, attention=None,
+            scan_layers=None):
     """Load a Hugging Face Qwen2 directory into a sharded `Qwen2ForCausalLM`."""
     require_path(model_dir, "model directory")
     reader = SafetensorsReader(model_dir)
     stored_dtype = jnp.dtype(reader.first_dtype()).name
     config = Qwen2Config.from_pretrained(
         model_dir,
-        dtype=dtype or default_compute_dtype(),
+        dtype=default_compute_dtype(dtype),
         param_dtype=param_dtype or stored_dtype,
+        **runtime_overrides(attention, scan_layers),
     )
+    config = config.replace(scan_layers=config.scanned)
     graphdef, state, flat = abstract_model(config)
-    rows = name_map(config)
-    for hf_name, path, layout in _progress(rows, len(rows), f"loading {model_dir}", progress):
+    stacked = {}  # path -> the stacked array being filled layer by layer
+    rows = param_rows(config)
+    for hf_name, path, layout, layer in _progress(rows, len(rows), f"loading {model_dir}", progress):
         if hf_name not in reader:
             raise UserError(f"{model_dir}: missing tensor {hf_name}")
         var = flat[path]
         tensor = reader.get(hf_name)
-        want = hf_shape(layout, var.get_value().shape)
+        shape = layer_shape(var, layer)
+        want = hf_shape(layout, shape)
         if tuple(tensor.shape) != tuple(want):
             raise UserError(
                 f"{model_dir}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(want)}"
             )
-        host = np.asarray(to_flax(tensor, layout, var.get_value().shape)).astype(var.get_value().dtype)
-        var.set_value(place(host, param_sharding(var, mesh)))
+        host = np.asarray(to_flax(tensor, layout, shape)).astype(var.get_value().dtype)
+        if layer is None:
+            var.set_value(place(host, param_sharding(var, mesh)))
+            continue
+        if path not in stacked:
+            stacked[path] = _empty_stacked(var, mesh)
+        stacked[path] = _set_layer(stacked[path], layer, place(host, param_sharding(var, mesh, per_layer=True)))
+    for path, value in stacked.items():
+        flat[path].set_value(value)
     model = nnx.merge(graphdef, state)
     generation_config = _read_json(os.path.join(model_dir, "generation_config.json"))
     model.generation_config = StaticDict(generation_config) if generation_config else None
@@ -252,12 +342,12 @@ def save_hf(model, out_dir, *, tokenizer_dir=None, max_shard_size="5GB", dtype=N
     _, state = nnx.split(model)
     flat = {_path_str(path): var for path, var in nnx.to_flat_state(state)}
     out_dtype = jnp.dtype(dtype or config.param_dtype)
-    rows = name_map(config)
+    rows = param_rows(config)
 
     # Plan shards from shapes first so file names know the shard count.
     shards, current, current_size = [], [], 0
     for row in rows:
-        size = int(np.prod(flat[row[1]].get_value().shape)) * out_dtype.itemsize
+        size = int(np.prod(layer_shape(flat[row[1]], row[3]))) * out_dtype.itemsize
         if current and current_size + size > limit:
             shards.append(current)
             current, current_size = [], 0
@@ -277,8 +367,9 @@ def save_hf(model, out_dir, *, tokenizer_dir=None, max_shard_size="5GB", dtype=N
     bar = _progress(None, len(rows), f"writing {out_dir}", progress) if progress else None
     for fname, shard in zip(names, shards):
         tensors = {}
-        for hf_name, path, layout in shard:
-            host = _host_array(flat[path].get_value()).astype(out_dtype)
+        for hf_name, path, layout, layer in shard:
+            value = flat[path].get_value()
+            host = _host_array(value if layer is None else value[layer]).astype(out_dtype)
             tensors[hf_name] = np.ascontiguousarray(to_hf(host, layout))
             weight_map[hf_name] = fname
             total += tensors[hf_name].nbytes
@@ -349,17 +440,3 @@ def copy_tokenizer_files(src_dir, dst_dir):
         if (src_dir / name).exists():
             (src_dir / name).copy(dst_dir / name, overwrite=True)
 
-
-# ---- one entry point for every format ----------------------------------------------------
-
-
-def load_model(path, *, dtype=None, param_dtype=None, mesh=None, progress=False):
-    """Load from a Hugging Face directory or an Orbax checkpoint written by cpe_jax."""
-    from cpe_jax import checkpoints
-
-    require_path(path, "model path")
-    if checkpoints.is_model_checkpoint(path):
-        return checkpoints.restore_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-    if os.path.exists(os.path.join(path, "config.json")):
-        return load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, progress=progress)
-    raise UserError(f"{path}: neither a Hugging Face model directory (config.json) nor a cpe_jax checkpoint")
