@@ -160,16 +160,19 @@ def vllm_runner(python, path, dtype, prompts, lengths):
     job = dict(prompts=prompts, lengths=lengths, n=SAMPLES, slots=SLOTS, memory_fraction=VLLM_MEMORY_FRACTION)
     worker.stdin.write(json.dumps(job) + "\n")
     worker.stdin.flush()
-    for line in worker.stdout:  # vLLM logs to stderr; its first JSON line says it is ready
-        if line.startswith("{"):
-            break
-    else:
-        raise RuntimeError("the vLLM worker exited before it was ready")
+
+    def next_reply():  # vLLM logs to stdout too: the worker's replies are its JSON lines
+        for line in worker.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"the vLLM worker exited (code {worker.wait()}); its log is on stderr")
+
+    next_reply()  # ready
 
     def run():
         worker.stdin.write("run\n")
         worker.stdin.flush()
-        reply = json.loads(worker.stdout.readline())
+        reply = next_reply()
         assert reply["tokens"] == SAMPLES * sum(lengths), reply
         return reply["seconds"]
     run.close = lambda: (worker.stdin.close(), worker.wait(timeout=60))

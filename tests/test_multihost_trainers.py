@@ -18,6 +18,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.tensor=1"]
 TIMING = ("time/", "perf/", "tokens_per_s")
+# 1 - Var(returns - values) / Var(returns): with near-constant returns (tiny models, a few rows) it
+# is a ratio of two float-noise-sized numbers, not a quantity two reduction orders agree on.
+ILL_CONDITIONED = ("critic/explained_variance",)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +39,9 @@ def _same_metrics(one, two, rel=1e-4):
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two):
         for key, value in a.items():
-            if key.startswith(TIMING) or not isinstance(value, float) or value != value:
+            if key.startswith(TIMING) or key in ILL_CONDITIONED or not isinstance(value, float) or value != value:
                 continue
-            assert b[key] == pytest.approx(value, rel=rel, abs=1e-6), (a["step"], key)
+            assert b[key] == pytest.approx(value, rel=rel, abs=1e-5), (a["step"], key)  # abs: means near 0
 
 
 def _one_host(args):
