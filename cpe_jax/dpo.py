@@ -211,14 +211,11 @@ class DPOTrainer(sft.SFTTrainer):
             return cached["chosen"], cached["rejected"]
 
     def _attach_reference_logps(self):
+        from cpe_jax.sharding import all_hosts
+
         path = self._reference_path()
         cached = self._read_reference_cache(path)
-        found = cached is not None
-        if jax.process_count() > 1:  # computing is collective: every host must take the same branch
-            from jax.experimental import multihost_utils
-
-            found = bool(np.all(multihost_utils.process_allgather(np.asarray(found))))
-        if found:
+        if all_hosts(cached is not None):  # computing is collective: every host takes the same branch
             chosen, rejected = cached
             log.info("read reference log-probs from %s", path)
         else:

@@ -171,6 +171,7 @@ def run(config, workdir, *, progress=True):
     """All four stages; returns the filter stats (with the student's final step)."""
     from cpe_jax import sft
     from cpe_jax.sampling import Sampler, SamplingParams
+    from cpe_jax.sharding import all_hosts
 
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -180,12 +181,7 @@ def run(config, workdir, *, progress=True):
                               max_operand=d.max_operand))
 
     generations_path = os.path.join(workdir, "generations.jsonl")
-    exists = os.path.exists(generations_path)
-    if jax.process_count() > 1:  # generating is collective: every host takes the same branch
-        from jax.experimental import multihost_utils
-
-        exists = bool(np.all(multihost_utils.process_allgather(np.asarray(exists))))
-    if not exists:
+    if not all_hosts(os.path.exists(generations_path)):  # generating is collective: every host takes one branch
         from cpe_jax.config import make_mesh_from_config
 
         g = config.generate

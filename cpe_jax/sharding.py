@@ -103,17 +103,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def shard_batch(mesh: Mesh, batch):
-    """Place every array of a host batch with its leading dimension split over the batch axes."""
-
-    def put(x):
-        x = np.asarray(x)
-        axes = ("batch",) + (None,) * (x.ndim - 1)
-        return jax.device_put(x, logical_sharding(mesh, axes, x.shape))
-
-    return jax.tree.map(put, batch)
-
-
 # ---- multi-slice meshes and multi-host start-up ------------------------------------------------
 
 
@@ -377,6 +366,16 @@ def initialize_distributed(enabled: Optional[bool] = None, environ=None) -> bool
 # are split over the `batch` logical axis (mesh axes data x fsdp); the rows of a global batch a
 # process holds depend only on the mesh, so the global batch s (which every host computes the
 # same way) is the same rows in the same order on 1, 2, 4 or 8 hosts.
+
+
+def all_hosts(flag: bool) -> bool:
+    """True when `flag` is True on every process (a tiny all-gather on several): hosts that must
+    take the same branch into collective work (compute or read a cache) decide with it."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
 
 
 def is_primary() -> bool:

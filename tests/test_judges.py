@@ -66,11 +66,19 @@ class ScriptedServer:
                     server.auth_headers.append(self.headers.get("Authorization"))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self.counted = True
                 try:
                     self._act(server.next_action(key), key, body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout)
                 finally:
+                    self._leave()
+
+            def _leave(self):
+                # A request leaves the count before its reply is written: once the client has the
+                # reply it may send its next request while this thread is still winding down.
+                if getattr(self, "counted", False):
+                    self.counted = False
                     with server.lock:
                         server.in_flight -= 1
 
@@ -99,6 +107,7 @@ class ScriptedServer:
                 self._send_raw(code, json.dumps(payload).encode(), "application/json", headers)
 
             def _send_raw(self, code, data, content_type, headers=None):
+                self._leave()
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
