@@ -86,15 +86,21 @@ def test_rows_equal_the_static_sampler(model, slots, mesh_shape):
 
 
 def test_a_refilled_slot_sees_no_trace_of_its_last_row(model):
-    """One slot: request B after a long request A equals B run alone, bitwise."""
-    first, second = _prompts([25, 4], seed=3)
+    """One slot: request B after a long request A equals B after another request of A's shape,
+    bitwise (the previous row's keys and values leave no trace), and B run alone (same tokens,
+    log-probs to float rounding: the cache then has another length)."""
+    first, other, second = _prompts([25, 25, 4], seed=3)
     long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     short = SamplingParams(max_tokens=12, temperature=0.9, seed=4, ignore_eos=True)
     engine = Engine(model, num_slots=1, eos_token_ids=(EOS,), sync_every=5)
     after = engine.generate([first, second], [long, short])[1]
+    after_other = engine.generate([other, second], [long, short])[1]
+    assert after.token_ids == after_other.token_ids
+    assert after.logprobs == after_other.logprobs and after.sampling_logprobs == after_other.sampling_logprobs
     alone = engine.generate([first[:1], second], [SamplingParams(max_tokens=40, ignore_eos=True), short])[1]
     assert after.token_ids == alone.token_ids
-    assert after.logprobs == alone.logprobs and after.sampling_logprobs == alone.sampling_logprobs
+    np.testing.assert_allclose(after.logprobs, alone.logprobs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(after.sampling_logprobs, alone.sampling_logprobs, rtol=0, atol=1e-5)
 
 
 def test_n_samples_share_one_prefill(model, caplog):

@@ -564,17 +564,55 @@ def _write_slots(cache, new, end):
     return bits(updated, cache.dtype)
 
 
-def _decode_attention(q, k, v, allowed):
-    """`_attention` for one query position (allowed [B, S]), with slot-major scores [B, KVH, S, G]:
-    XLA:CPU runs the query-major q.k^T of a few query rows against a whole cache ~6x slower than
-    k.q^T, and both products run fastest on row-major operands (q^T and p are tiny copies).
-    Slots that are not allowed cannot change the result, whatever their values."""
-    v = zero_masked_keys(v, allowed)
-    d = q.shape[-1]
-    scores = _matmul(k, _swap_minor(q[:, :, :, 0]))
-    scores = jnp.where(allowed[:, None, :, None], scores * (d ** -0.5), _MASK_VALUE)
-    probs = _swap_minor(jax.nn.softmax(scores, axis=2).astype(q.dtype))
-    return _matmul(probs, v).astype(q.dtype)[:, :, :, None]
+SMALLEST_DECODE_WINDOW = 64  # cache slots of the shortest window decode attention reads
+
+
+def decode_windows(cache_length: int) -> tuple:
+    """The window sizes one-token attention may read from a cache of `cache_length` slots: powers
+    of two from 64 up to 3/4 of the cache (a wider window would save too little to pay for its
+    gather), then the whole cache."""
+    windows, size = [], SMALLEST_DECODE_WINDOW
+    while size * 4 <= cache_length * 3:
+        windows.append(size)
+        size *= 2
+    return (*windows, cache_length)
+
+
+def live_span(allowed, end):
+    """The number of slots, counted back from slot `end` in ring order, that hold every allowed
+    slot of every row (allowed [B, S]); 0 when nothing is allowed."""
+    behind = (end - jnp.arange(allowed.shape[-1])) % allowed.shape[-1]
+    return jnp.max(jnp.where(allowed, behind, -1)) + 1
+
+
+def _decode_attention(q, k, v, allowed, end):
+    """`_attention` for one query position (allowed [B, S]) over a cache k, v [B, KVH, S, D]
+    whose newest slot is `end`: it reads only the smallest window of `decode_windows` that ends at
+    `end` (wrapping as a ring does) and holds the longest-lived row's slots (`live_span`), so a
+    batch of short rows does not pay for the whole cache.
+
+    q.k is a broadcast product summed over D (one fusion that reads each key once; XLA:CPU runs a
+    batched dot of a few query rows against the keys several times slower) and p.v one batched
+    dot. Slots that are not allowed cannot change the result, whatever their values."""
+    s, d = k.shape[2], q.shape[-1]
+
+    def attend(k, v, allowed):  # slot-major [B, KVH, W, G]: sums over slots run in slot order
+        queries = q[:, :, None, :, 0].astype(jnp.float32)  # [B, KVH, 1, G, D]
+        scores = jnp.sum(k[:, :, :, None].astype(jnp.float32) * queries, axis=-1)
+        scores = jnp.where(allowed[:, None, :, None], scores * (d ** -0.5), _MASK_VALUE)
+        probs = _swap_minor(jax.nn.softmax(scores, axis=2).astype(q.dtype))
+        return _matmul(probs, zero_masked_keys(v, allowed).astype(q.dtype)).astype(q.dtype)[:, :, :, None]
+
+    def window(size):
+        if size == s:
+            return lambda: attend(k, v, allowed)
+        slots = (end - size + 1 + jnp.arange(size)) % s
+        return lambda: attend(jnp.take(k, slots, axis=2, mode="clip"), jnp.take(v, slots, axis=2, mode="clip"),
+                              jnp.take(allowed, slots, axis=1, mode="clip"))
+
+    windows = decode_windows(s)
+    which = jnp.searchsorted(jnp.asarray(windows[:-1]), live_span(allowed, end))
+    return jax.lax.switch(which, [window(size) for size in windows])
 
 
 # ---- layers ----------------------------------------------------------------------------------
@@ -653,7 +691,7 @@ class Attention(nnx.Module):
             if t == 1:
                 # One new token: the mask alone says what it sees (it must cover the slot being
                 # written and no later one), so a ring-buffer cache whose live slots wrap works too.
-                out = _decode_attention(q, k, v, mask.astype(bool))
+                out = _decode_attention(q, cache_k, cache_v, mask.astype(bool), cache_end)
             else:
                 allowed = (jnp.arange(s)[None, :] <= query_slots[:, None])[None] & mask[:, None, :].astype(bool)
                 out = _attention(q, k, v, allowed)
