@@ -21,7 +21,8 @@ def load_model(path, *, dtype=None, mesh=None, param_dtype=None, attention=None,
 
     require_path(path, "model path")
     if checkpoints.is_model_checkpoint(path):
-        model = checkpoints.restore_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        model = checkpoints.restore_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                             scan_layers=scan_layers)
         if attention is not None:
             model.config = model.config.replace(attention=attention)
         return model

@@ -58,6 +58,7 @@ def save_model(model, out_dir, *, tokenizer_dir=None):
             "format": "cpe_jax.qwen2",
             "config": model.config.to_hf_dict(),
             "param_dtype": model.config.param_dtype,
+            "scan_layers": model.config.scanned,
             "generation_config": getattr(model, "generation_config", None),
         }
         (out_dir / MODEL_METADATA).write_text(json.dumps(metadata, indent=2))
@@ -66,8 +67,27 @@ def save_model(model, out_dir, *, tokenizer_dir=None):
             copy_tokenizer_files(source, out_dir)
 
 
-def restore_model(path, *, dtype=None, param_dtype=None, mesh=None):
-    """Restore a model checkpoint directly into the target sharding (no full host copy)."""
+def _relayout(restored, flat, num_layers, saved_scanned):
+    """{target path: array} for the target layout from arrays restored in the saved layout:
+    a stacked [L, ...] parameter ("layers.x") is split into, or joined from, "layers.{i}.x"."""
+    out = {}
+    for p, _ in flat:
+        key = ".".join(str(k) for k in p)
+        if key in restored:
+            out[key] = restored[key]
+        elif saved_scanned:  # target per layer, saved stacked
+            layer, rest = int(p[1]), ".".join(str(k) for k in p[2:])
+            out[key] = restored[f"{p[0]}.{rest}"][layer]
+        else:  # target stacked, saved per layer
+            rest = ".".join(str(k) for k in p[1:])
+            out[key] = jnp.stack([restored[f"{p[0]}.{i}.{rest}"] for i in range(num_layers)])
+    return out
+
+
+def restore_model(path, *, dtype=None, param_dtype=None, mesh=None, scan_layers=None):
+    """Restore a model checkpoint directly into the target sharding (no full host copy).
+    `scan_layers` picks the layer layout (None: by backend); a checkpoint saved in the other
+    layout has its stacked parameters split or joined, bit for bit."""
     from cpe_jax.models.qwen2.model import Qwen2Config, StaticDict
     from cpe_jax.models.qwen2.params import abstract_model, default_compute_dtype, param_sharding
 
@@ -82,13 +102,18 @@ def restore_model(path, *, dtype=None, param_dtype=None, mesh=None):
         source=meta_path,
         dtype=dtype or default_compute_dtype(),
         param_dtype=param_dtype or meta.get("param_dtype", "float32"),
+        scan_layers=scan_layers,
     )
+    config = config.replace(scan_layers=config.scanned)
+    saved_scanned = bool(meta.get("scan_layers", False))
     graphdef, state, _ = abstract_model(config)
     flat = list(nnx.to_flat_state(state))
+    saved_flat = flat if saved_scanned == config.scan_layers else list(
+        nnx.to_flat_state(abstract_model(config.replace(scan_layers=saved_scanned))[1]))
     stored_dtype = jnp.dtype(meta.get("param_dtype", config.param_dtype))
     target = _nested(
         (p, jax.ShapeDtypeStruct(v.get_value().shape, stored_dtype, sharding=param_sharding(v, mesh)))
-        for p, v in flat
+        for p, v in saved_flat
     )
     params_dir = _dir(path) / "params"
     require_path(params_dir, "checkpoint parameters")
@@ -97,10 +122,17 @@ def restore_model(path, *, dtype=None, param_dtype=None, mesh=None):
             restored = ckptr.restore(params_dir, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise UserError(f"{params_dir}: cannot restore parameters ({e})") from None
-    for p, var in flat:
+    by_path = {}
+    for p, _ in saved_flat:
         node = restored
         for key in p:
             node = node[str(key)]
+        by_path[".".join(str(k) for k in p)] = node
+    by_path = _relayout(by_path, flat, config.num_hidden_layers, saved_scanned)
+    for p, var in flat:
+        node = by_path[".".join(str(k) for k in p)]
+        if saved_scanned != config.scan_layers:
+            node = jax.device_put(node, param_sharding(var, mesh))
         var.set_value(node if node.dtype == jnp.dtype(config.param_dtype) else node.astype(config.param_dtype))
     model = nnx.merge(graphdef, state)
     model.generation_config = StaticDict(meta["generation_config"]) if meta.get("generation_config") else None

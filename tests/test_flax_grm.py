@@ -134,3 +134,32 @@ def test_critique_prefix_cuts_at_the_first_closing_tag():
     assert text == "<critique>\nGood start.\n" + SCORES_OPENING and critique == "Good start."
     text, critique = critique_prefix("no tags, cut off")
     assert text == "<critique>\nno tags, cut off\n" + SCORES_OPENING and critique == "no tags, cut off"
+
+
+def test_expected_scores_of_scanned_stack_equal_unrolled(model_dir, tokenizer):
+    """The candidate pass repeats each layer's prompt cache per candidate: for a stacked [L, B, ...]
+    cache that must repeat rows, not layers, so both layouts score alike on the same weights."""
+    from flax import nnx
+
+    tables = build_score_tables(tokenizer)
+    rng = np.random.RandomState(1)
+    prefixes = [list(rng.randint(3, 300, size=n)) + tokenizer.encode(SCORES_OPENING) for n in (3, 9)]
+    width = max(map(len, prefixes)) + 2
+    tokens = np.zeros((len(prefixes), width), np.int32)
+    mask = np.zeros((len(prefixes), width), bool)
+    for i, ids in enumerate(prefixes):
+        tokens[i, width - len(ids):] = ids
+        mask[i, width - len(ids):] = True
+    outs = []
+    for scan in (False, True):
+        model = cpe_jax.load_model(model_dir, dtype="float32", scan_layers=scan)
+        assert model.config.scan_layers is scan
+        graphdef, state = nnx.split(model)
+        outs.append(jax.device_get(jax.jit(
+            lambda state, tokens, mask, tables: expected_scores(graphdef, state, tokens, mask, tables)
+        )(state, tokens, mask, tables)))
+    unrolled, scanned = outs
+    np.testing.assert_allclose(scanned["probs"], unrolled["probs"], atol=1e-5)
+    np.testing.assert_array_equal(scanned["argmax"], unrolled["argmax"])
+    for dim in DIMENSIONS:
+        np.testing.assert_allclose(scanned[dim], unrolled[dim], atol=1e-4)

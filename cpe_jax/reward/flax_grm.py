@@ -176,11 +176,17 @@ def expected_scores(graphdef, state, prefix_tokens, prefix_mask, tables: ScoreTo
 def _continuation_logprobs(model, cache, cache_mask, n_valid, tables, end):
     """[B, K] summed log-probs of every candidate's tokens after its first, in one forward pass
     over the cache replicated once per candidate (rows ordered b * K + k)."""
+    from cpe_jax.models.qwen2.model import map_layers
+
     k, c = tables.candidate_tokens.shape
     b = cache_mask.shape[0]
     fed = jnp.tile(tables.candidate_tokens[:, : c - 1], (b, 1))  # [B*K, C-1]
     fed_mask = jnp.tile(tables.candidate_mask[:, : c - 1], (b, 1))
-    branch = {**jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), {"k": cache["k"], "v": cache["v"]}),
+
+    def per_candidate(layer):
+        return jnp.repeat(layer, k, axis=0)
+
+    branch = {"k": map_layers(per_candidate, cache["k"]), "v": map_layers(per_candidate, cache["v"]),
               "end": cache["end"]}
     branch_mask = jax.lax.dynamic_update_slice(jnp.repeat(cache_mask, k, axis=0), fed_mask, (0, end))
     positions = _positions(jnp.repeat(n_valid, k), fed_mask)
