@@ -45,6 +45,17 @@ def _cmd_convert(argv):
         print(f"wrote Hugging Face checkpoint {args.to_hf}")
 
 
+def _host_device_mesh():
+    """The mesh of a model a command runs on one device: None (jax.devices()[0]) in a one-host job;
+    in a multi-host job this host's first device, since jax.devices()[0] belongs to host 0 only.
+    Every host then computes every row and process 0 writes the outputs."""
+    import jax
+
+    from cpe_jax.sharding import make_mesh
+
+    return make_mesh({"data": 1}, devices=jax.local_devices()[:1]) if jax.process_count() > 1 else None
+
+
 def _cmd_generate(argv):
     p = argparse.ArgumentParser(
         prog="cpe-jax generate",
@@ -79,7 +90,8 @@ def _cmd_generate(argv):
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
     sampler = sampling.Sampler.from_pretrained(
-        require_path(args.model, "model directory"), dtype=args.dtype, max_batch_size=args.batch_size
+        require_path(args.model, "model directory"), dtype=args.dtype, max_batch_size=args.batch_size,
+        mesh=_host_device_mesh(),
     )
     count = sampling.generate_jsonl(sampler, args.prompts, args.out, params, chat=args.chat)
     print(f"wrote {count} samples to {args.out}")
@@ -143,7 +155,7 @@ def _cmd_eval(argv):
         examples = run.apply_labels(examples, args.labels)
     from cpe_jax.reward.judge_factory import judge_from_arguments
 
-    judge, judge_label = judge_from_arguments(args)
+    judge, judge_label = judge_from_arguments(args, mesh=_host_device_mesh())
     responses = run.read_responses(args.responses, examples) if args.responses else None
     baseline = (
         run.read_responses(args.baseline_responses, examples, "baseline responses file")
@@ -154,7 +166,7 @@ def _cmd_eval(argv):
     policy = None
     if args.policy:
         policy = Sampler.from_pretrained(require_path(args.policy, "policy directory"), dtype=args.dtype,
-                                         max_batch_size=args.batch_size)
+                                         max_batch_size=args.batch_size, mesh=_host_device_mesh())
     metrics = run.evaluate(
         examples, args.out, judge=judge, policy=policy, responses=responses, baseline=baseline,
         sampling=sampling, policy_prompt=args.policy_prompt, language=args.language,
@@ -232,7 +244,7 @@ def _cmd_label(argv):
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     read_label_rows(require_path(args.input, "input file"))  # every row checked before the judge starts
-    judge, judge_label = judge_from_arguments(args)
+    judge, judge_label = judge_from_arguments(args, mesh=_host_device_mesh())
     counts = label(judge, args.input, args.out, language=args.language, temperature=args.temperature,
                    max_tokens=args.max_tokens, batch_size=args.batch_size, progress=_sys.stderr.isatty(),
                    skip_row_errors=args.skip_row_errors, max_consecutive_failures=args.max_consecutive_failures,
@@ -248,7 +260,7 @@ def _cmd_rm_eval(argv):
     """`cpe-jax rm-eval --data ROOT --rm-type {grm,bt} --out DIR [...]`: reward-model pairwise accuracy."""
     from cpe_jax.reward import rm_eval
 
-    return rm_eval.main(argv)
+    return rm_eval.main(argv, mesh=_host_device_mesh())
 
 
 def _cmd_demo(argv):

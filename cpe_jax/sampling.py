@@ -544,9 +544,11 @@ def generate_jsonl(sampler: "Sampler", prompts_path, out_path, params: SamplingP
                    progress=True):
     """Sample for every row of `prompts_path` and write `out_path` (input row + token_ids, text,
     logprobs, finish_reason, and `index` when n > 1). Rows are written to OUT.tmp, renamed to
-    OUT only when all are done, so a file at OUT is always complete."""
+    OUT only when all are done, so a file at OUT is always complete; in a multi-host job only
+    process 0 writes it."""
     import json
-    import os
+
+    from cpe_jax.sharding import write_atomically
 
     rows, encoded, lines = read_prompt_rows(
         prompts_path, sampler.tokenizer, chat=chat, vocab_size=sampler.config.vocab_size
@@ -558,18 +560,17 @@ def generate_jsonl(sampler: "Sampler", prompts_path, out_path, params: SamplingP
                 f"{prompts_path}:{line_no}: prompt has {len(ids)} tokens, more than {limit}"
             )
     outputs = sampler.generate(encoded, params, progress=progress)
-    tmp_path = f"{out_path}.tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        for out in outputs:
-            record = dict(rows[out.prompt_index])
-            if params.n > 1:
-                record["index"] = out.index
-            record.update(
-                token_ids=out.token_ids,
-                text=out.text,
-                logprobs=out.logprobs,
-                finish_reason=out.finish_reason,
-            )
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp_path, out_path)
+    records = []
+    for out in outputs:
+        record = dict(rows[out.prompt_index])
+        if params.n > 1:
+            record["index"] = out.index
+        record.update(
+            token_ids=out.token_ids,
+            text=out.text,
+            logprobs=out.logprobs,
+            finish_reason=out.finish_reason,
+        )
+        records.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomically(out_path, "".join(records))  # process 0 only: every host holds every row
     return len(outputs)

@@ -67,14 +67,11 @@ def read_jsonl(path, what="file"):
 
 
 def write_jsonl_atomic(path, rows):
-    """Write `rows` as JSONL through PATH.tmp and a rename: the file is whole or untouched."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `rows` as JSONL through PATH.tmp and a rename: the file is whole or untouched. In a
+    multi-host job only process 0 writes (every host holds the same rows)."""
+    from cpe_jax.sharding import write_atomically
+
+    write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_finished_rows(path, is_row, bad_row):
@@ -110,25 +107,35 @@ def read_finished_rows(path, is_row, bad_row):
 
 class JsonlAppender:
     """Appends rows to a resumable output, each flushed (and with `fsync`, synced to disk) as it is
-    written, so an interruption loses nothing finished. Use as a context manager or `close()`."""
+    written, so an interruption loses nothing finished. Use as a context manager or `close()`.
+    In a multi-host job only process 0 opens the file; on the other hosts writes do nothing."""
 
     def __init__(self, path, *, fsync=False):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        from cpe_jax.sharding import is_primary
+
         self.path, self.fsync = path, fsync
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = None
+        if is_primary():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
 
     def write(self, *rows):
+        if self.file is None:
+            return
         for row in rows:
             self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.flush()
 
     def flush(self):
+        if self.file is None:
+            return
         self.file.flush()
         if self.fsync:
             os.fsync(self.file.fileno())
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
     def __enter__(self):
         return self

@@ -181,20 +181,22 @@ def _plot_lengths(rows, path):
 
 
 def write_report(out_dir, metrics, rows):
-    """Write metrics.json, report.md and the two plots into `out_dir`; return their paths.
+    """Write metrics.json, report.md and the two plots into `out_dir` (process 0 only in a
+    multi-host job); return their paths.
 
     `metrics` is `summarize(rows)`, optionally with extra top-level entries (judge name, number
     of unparseable replies, ...) that go to the JSON file and the report's "Run" list.
     """
+    from cpe_jax.sharding import is_primary, write_atomically
+
     if "overall" not in metrics:
         raise UserError("metrics lack an 'overall' entry; pass the output of summarize(rows)")
-    os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in (METRICS_FILE, REPORT_FILE, WIN_RATE_PLOT, LENGTH_PLOT)}
-    with open(paths[METRICS_FILE], "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    with open(paths[REPORT_FILE], "w", encoding="utf-8") as f:
-        f.write(_markdown(metrics))
+    if not is_primary():  # in a multi-host job process 0 writes the report
+        return paths
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomically(paths[METRICS_FILE], json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_atomically(paths[REPORT_FILE], _markdown(metrics))
     _plot_win_rates(metrics, paths[WIN_RATE_PLOT])
     _plot_lengths(list(rows), paths[LENGTH_PLOT])
     return paths

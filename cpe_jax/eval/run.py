@@ -224,11 +224,20 @@ def read_keyed_rows(path, keys):
 
 def _check_run(out_dir, run, fresh):
     """Write run.json, or refuse to resume a directory written with other settings."""
+    from cpe_jax.sharding import is_primary, write_atomically
+
     path = os.path.join(out_dir, RUN_FILE)
     if fresh:
-        for name in (ANNOTATIONS_FILE, GENERATED_FILE, ERRORS_FILE, RUN_FILE):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
+        if is_primary():  # in a multi-host job process 0 owns the output directory
+            for name in (ANNOTATIONS_FILE, GENERATED_FILE, ERRORS_FILE, RUN_FILE):
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+        import jax
+
+        if jax.process_count() > 1:  # the other hosts read the directory once process 0 has emptied it
+            from jax.experimental.multihost_utils import sync_global_devices
+
+            sync_global_devices("cpe_jax.eval: --fresh output directory emptied")
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -241,9 +250,7 @@ def _check_run(out_dir, run, fresh):
                 f"{out_dir} holds an evaluation with other settings ({', '.join(fields)} differ); "
                 "use another output directory or pass --fresh"
             )
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(run, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    write_atomically(path, json.dumps(run, indent=2, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,9 +533,9 @@ def evaluate(
         note = ("examples are unjudged (rerun to judge them, or pass --allow-partial)" if unjudged
                 else f"the judge refused every example (see {ERRORS_FILE})")
         metrics = {**head, "win_rate": None, "note": f"no win rate: {note}"}
-        with open(os.path.join(out_dir, METRICS_FILE), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        from cpe_jax.sharding import write_atomically
+
+        write_atomically(os.path.join(out_dir, METRICS_FILE), json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     if unjudged:
         reason = streak.reason() if streak.tripped else f"{unjudged} examples got no answer"
         raise JudgeUnavailable(reason, done=len(rows) + len(errors), remaining=unjudged, unit="examples")

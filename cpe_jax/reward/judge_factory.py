@@ -30,11 +30,11 @@ def load_callable(spec, what):
 
 def build_judge(kind, *, judge_fn=None, base_url=None, judge_model=None, api_key_env=None, judge_path=None,
                 max_tokens=None, max_concurrency=8, timeout=60.0, max_retries=5, backoff_base=0.5,
-                max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES, names=None):
+                max_consecutive_failures=DEFAULT_MAX_CONSECUTIVE_FAILURES, names=None, mesh=None):
     """(ChatJudge, label) of kind python (`judge_fn`, "module:function"), http (`judge_model` at
     `base_url`, the key in $`api_key_env`: None = OPENAI_API_KEY, "" = no key) or flax (the model
-    at `judge_path`, replies of at most `max_tokens` when given). `names` maps these arguments to
-    what the user wrote (flags or config fields), for the errors."""
+    at `judge_path` placed on `mesh`, replies of at most `max_tokens` when given). `names` maps
+    these arguments to what the user wrote (flags or config fields), for the errors."""
     names = {"kind": "--judge", "judge_fn": "--judge-fn", "judge_path": "judge model directory", **(names or {})}
     if kind not in JUDGE_KINDS:
         raise UserError(f"{names['kind']} must be one of {', '.join(JUDGE_KINDS)}, got {kind!r}")
@@ -56,7 +56,7 @@ def build_judge(kind, *, judge_fn=None, base_url=None, judge_model=None, api_key
 
     require_path(judge_path, names["judge_path"])
     extra = {} if max_tokens is None else {"max_tokens": max_tokens}
-    judge = FlaxGRMJudge(cpe_jax.load_model(judge_path), load_tokenizer(judge_path), **extra)
+    judge = FlaxGRMJudge(cpe_jax.load_model(judge_path, mesh=mesh), load_tokenizer(judge_path), mesh=mesh, **extra)
     return judge, f"flax:{os.path.abspath(judge_path)}"
 
 
@@ -115,8 +115,9 @@ def add_row_error_argument(parser):
                         "file and go on (default); --no-skip-row-errors stops at it (exit code 2)")
 
 
-def judge_from_arguments(args, judge_path=None):
-    """(ChatJudge, label) from the flags of `add_judge_arguments`; flags of another kind are refused."""
+def judge_from_arguments(args, judge_path=None, mesh=None):
+    """(ChatJudge, label) from the flags of `add_judge_arguments`; flags of another kind are refused.
+    A flax judge's model is placed on `mesh` (None: one device)."""
     kind = args.judge
     judge_path = judge_path or args.judge_path
     flags = {"--judge-fn": args.judge_fn, "--base-url": args.base_url, "--judge-model": args.judge_model,
@@ -132,4 +133,4 @@ def judge_from_arguments(args, judge_path=None):
     return build_judge(kind, judge_fn=args.judge_fn, base_url=args.base_url, judge_model=args.judge_model,
                        api_key_env=args.api_key_env, judge_path=judge_path, max_concurrency=args.max_concurrency,
                        timeout=args.judge_timeout, max_retries=args.judge_retries, backoff_base=args.judge_backoff,
-                       max_consecutive_failures=args.max_consecutive_failures)
+                       max_consecutive_failures=args.max_consecutive_failures, mesh=mesh)

@@ -239,18 +239,20 @@ def evaluate(pairs, scores, out_dir, *, info=None, notes=()):
                                 f"(listed in {ERRORS_FILE}).")
     metrics["accuracy"] = accuracy_table(pairs, chosen, rejected)
     metrics["stability"] = stability(scores)
+    from cpe_jax.sharding import write_atomically  # process 0 only in a multi-host job
+
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "rm_eval.json"), "w", encoding="utf-8") as f:
-        json.dump(_without_nan(metrics), f, indent=2, ensure_ascii=False)
-    with open(os.path.join(out_dir, "rm_eval.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(metrics))
+    write_atomically(os.path.join(out_dir, "rm_eval.json"), json.dumps(_without_nan(metrics), indent=2,
+                                                                       ensure_ascii=False))
+    write_atomically(os.path.join(out_dir, "rm_eval.md"), markdown(metrics))
     outcome, _ = pair_outcomes(chosen, rejected)
-    with open(os.path.join(out_dir, "rm_eval_pairs.jsonl"), "w", encoding="utf-8") as f:
-        for i, pair in enumerate(pairs):
-            row = {"source": pair.source, "category": pair.category, "tier": pair.tier, "outcome": float(outcome[i])}
-            for side in ("chosen", "rejected"):
-                row[side] = {name: _number(values[0][i]) for name, values in scores[side].items()}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    pair_rows = []
+    for i, pair in enumerate(pairs):
+        row = {"source": pair.source, "category": pair.category, "tier": pair.tier, "outcome": float(outcome[i])}
+        for side in ("chosen", "rejected"):
+            row[side] = {name: _number(values[0][i]) for name, values in scores[side].items()}
+        pair_rows.append(row)
+    write_jsonl_atomic(os.path.join(out_dir, "rm_eval_pairs.jsonl"), pair_rows)
     return metrics
 
 
@@ -290,7 +292,7 @@ def markdown(metrics):
 # ---- `cpe-jax rm-eval` --------------------------------------------------------------------------
 
 
-def main(argv):
+def main(argv, *, mesh=None):
     """`cpe-jax rm-eval`: parse the flags, score every pair, write OUT/rm_eval.json and rm_eval.md."""
     import argparse
 
@@ -351,7 +353,7 @@ def main(argv):
         from cpe_jax.tokenizer import load_tokenizer
 
         path = require_path(args.rm, "reward model directory")
-        scores = bt_pair_scores(BTRewardModel.load(path), load_tokenizer(path), pairs,
+        scores = bt_pair_scores(BTRewardModel.load(path, mesh=mesh), load_tokenizer(path), pairs,
                                         batch_size=args.batch_size, language=args.language)
         info["rm"] = os.path.abspath(path)
     else:
@@ -368,15 +370,16 @@ def main(argv):
             from cpe_jax.tokenizer import load_tokenizer
 
             path = require_path(args.rm or args.judge_path, "GRM directory")
-            scorer = FlaxGRMScorer(cpe_jax.load_model(path), load_tokenizer(path), language=args.language,
-                                   temperature=temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style)
+            scorer = FlaxGRMScorer(cpe_jax.load_model(path, mesh=mesh), load_tokenizer(path), mesh=mesh,
+                                   language=args.language, temperature=temperature, max_tokens=args.max_tokens,
+                                   prompt_style=args.prompt_style)
             info["rm"] = f"flax-expected:{os.path.abspath(path)}"
         else:
             from cpe_jax.reward.grm import GRMScorer
             from cpe_jax.reward.judge_factory import judge_from_arguments
 
             args.judge = kind
-            judge, info["rm"] = judge_from_arguments(args, judge_path=args.rm)
+            judge, info["rm"] = judge_from_arguments(args, judge_path=args.rm, mesh=mesh)
             scorer = GRMScorer(judge, language=args.language, temperature=temperature, max_tokens=args.max_tokens,
                                prompt_style=args.prompt_style)
         info["temperature"] = temperature
