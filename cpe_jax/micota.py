@@ -25,7 +25,6 @@ import logging
 import os
 import re
 
-import jax
 import numpy as np
 
 from cpe_jax.data.jsonl import write_jsonl_atomic
@@ -132,15 +131,6 @@ def write_sft_rows(path, kept, problems):
                                "problem": g["problem"], "answer": problems[g["problem"]]["answer"]} for g in kept])
 
 
-def _hosts_meet(name):
-    """Every host waits here until process 0 has written a stage's file (the workdir of a
-    multi-host run is shared, as Orbax's checkpoints need), so none reads it half-written."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 # ---- the pipeline -----------------------------------------------------------------------------
 
 
@@ -171,7 +161,7 @@ def run(config, workdir, *, progress=True):
     """All four stages; returns the filter stats (with the student's final step)."""
     from cpe_jax import sft
     from cpe_jax.sampling import Sampler, SamplingParams
-    from cpe_jax.sharding import all_hosts
+    from cpe_jax.sharding import all_hosts, hosts_meet, write_atomically
 
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -190,9 +180,8 @@ def run(config, workdir, *, progress=True):
         params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed, n=g.n)
         generations = generate_cot(sampler, problems, params, progress=progress)
         del sampler
-        if jax.process_index() == 0:
-            write_jsonl_atomic(generations_path, generations)
-        _hosts_meet("micota generations")
+        write_jsonl_atomic(generations_path, generations)  # process 0 writes, the others wait
+        hosts_meet("micota generations")
     from cpe_jax.data.jsonl import read_jsonl
 
     generations = [row for _, row in read_jsonl(generations_path, "generations file")]
@@ -206,11 +195,9 @@ def run(config, workdir, *, progress=True):
         raise UserError(f"no teacher-assistant answer in {generations_path} is correct and inside the length band; "
                         "check config.teacher_assistant and the filter fields")
     sft_path = os.path.join(workdir, "sft.jsonl")
-    if jax.process_index() == 0:
-        write_sft_rows(sft_path, kept, problems)
-        with open(os.path.join(workdir, "filter_stats.json"), "w") as out:
-            json.dump(stats, out, indent=2)
-    _hosts_meet("micota sft rows")
+    write_sft_rows(sft_path, kept, problems)  # process 0 writes, the others wait
+    write_atomically(os.path.join(workdir, "filter_stats.json"), json.dumps(stats, indent=2))
+    hosts_meet("micota sft rows")
 
     student_config = config.sft.copy_and_resolve_references()
     with student_config.unlocked():

@@ -378,6 +378,15 @@ def all_hosts(flag: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
 
 
+def hosts_meet(name: str) -> None:
+    """Every host waits here until all have arrived (a barrier named `name`), e.g. until process 0
+    has written or removed a shared file that the others read next; nothing on one host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def is_primary() -> bool:
     """True on process 0, the one host that writes metrics, reports and output files."""
     return jax.process_index() == 0

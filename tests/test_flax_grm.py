@@ -6,6 +6,7 @@ import transformers
 
 import cpe_jax
 from cpe_jax.data.prompts import DIMENSIONS
+from cpe_jax.data.padding import left_pad
 from cpe_jax.reward.flax_grm import (
     SCORES_OPENING,
     FlaxGRMJudge,
@@ -78,12 +79,7 @@ def test_expected_scores_equal_softmax_over_candidate_tokens(model_dir, model, t
     hf = transformers.Qwen2ForCausalLM.from_pretrained(model_dir).eval()
     rng = np.random.RandomState(0)
     prefixes = [list(rng.randint(3, 300, size=n)) + tokenizer.encode(SCORES_OPENING) for n in (4, 11)]
-    width = max(map(len, prefixes)) + 3
-    tokens = np.zeros((len(prefixes), width), np.int32)
-    mask = np.zeros((len(prefixes), width), bool)
-    for i, ids in enumerate(prefixes):
-        tokens[i, width - len(ids):] = ids
-        mask[i, width - len(ids):] = True
+    tokens, mask, _ = left_pad(prefixes, max(map(len, prefixes)) + 3, pad_id=0)
     graphdef, state = nnx.split(model)
     run = jax.jit(lambda state, tokens, mask, tables: expected_scores(graphdef, state, tokens, mask, tables))
     out = jax.device_get(run(state, tokens, mask, tables))
@@ -144,12 +140,7 @@ def test_expected_scores_of_scanned_stack_equal_unrolled(model_dir, tokenizer):
     tables = build_score_tables(tokenizer)
     rng = np.random.RandomState(1)
     prefixes = [list(rng.randint(3, 300, size=n)) + tokenizer.encode(SCORES_OPENING) for n in (3, 9)]
-    width = max(map(len, prefixes)) + 2
-    tokens = np.zeros((len(prefixes), width), np.int32)
-    mask = np.zeros((len(prefixes), width), bool)
-    for i, ids in enumerate(prefixes):
-        tokens[i, width - len(ids):] = ids
-        mask[i, width - len(ids):] = True
+    tokens, mask, _ = left_pad(prefixes, max(map(len, prefixes)) + 2, pad_id=0)
     outs = []
     for scan in (False, True):
         model = cpe_jax.load_model(model_dir, dtype="float32", scan_layers=scan)

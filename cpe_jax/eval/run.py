@@ -224,7 +224,7 @@ def read_keyed_rows(path, keys):
 
 def _check_run(out_dir, run, fresh):
     """Write run.json, or refuse to resume a directory written with other settings."""
-    from cpe_jax.sharding import is_primary, write_atomically
+    from cpe_jax.sharding import hosts_meet, is_primary, write_atomically
 
     path = os.path.join(out_dir, RUN_FILE)
     if fresh:
@@ -232,12 +232,7 @@ def _check_run(out_dir, run, fresh):
             for name in (ANNOTATIONS_FILE, GENERATED_FILE, ERRORS_FILE, RUN_FILE):
                 if os.path.exists(os.path.join(out_dir, name)):
                     os.remove(os.path.join(out_dir, name))
-        import jax
-
-        if jax.process_count() > 1:  # the other hosts read the directory once process 0 has emptied it
-            from jax.experimental.multihost_utils import sync_global_devices
-
-            sync_global_devices("cpe_jax.eval: --fresh output directory emptied")
+        hosts_meet("cpe_jax.eval: --fresh output directory emptied")  # then the others read it
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:

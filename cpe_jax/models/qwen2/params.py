@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 
 from cpe_jax.errors import UserError, require_path
 from cpe_jax.models.qwen2.model import Qwen2Config, Qwen2ForCausalLM, StaticDict
-from cpe_jax.sharding import logical_sharding
+from cpe_jax.sharding import fetch_global, logical_sharding
 
 log = logging.getLogger(__name__)
 
@@ -326,15 +326,6 @@ def _parse_size(size):
     return int(float(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)])
 
 
-def _host_array(array):
-    """Full host copy of one (possibly sharded, possibly multi-host) array."""
-    if not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
-
-
 def save_hf(model, out_dir, *, tokenizer_dir=None, max_shard_size="5GB", dtype=None, progress=False):
     """Write `model` as a Hugging Face directory that transformers' Qwen2ForCausalLM loads."""
     config = model.config
@@ -369,7 +360,7 @@ def save_hf(model, out_dir, *, tokenizer_dir=None, max_shard_size="5GB", dtype=N
         tensors = {}
         for hf_name, path, layout, layer in shard:
             value = flat[path].get_value()
-            host = _host_array(value if layer is None else value[layer]).astype(out_dtype)
+            host = fetch_global(value if layer is None else value[layer]).astype(out_dtype)
             tensors[hf_name] = np.ascontiguousarray(to_hf(host, layout))
             weight_map[hf_name] = fname
             total += tensors[hf_name].nbytes
