@@ -48,7 +48,8 @@ def _cmd_convert(argv):
 def _host_device_mesh():
     """The mesh of a model a command runs on one device: None (jax.devices()[0]) in a one-host job;
     in a multi-host job this host's first device, since jax.devices()[0] belongs to host 0 only.
-    Every host then computes every row and process 0 writes the outputs."""
+    Every host then reads every row, works on its share (`sharding.spread_over_hosts`) and gets
+    every result back; process 0 writes the outputs."""
     import jax
 
     from cpe_jax.sharding import make_mesh

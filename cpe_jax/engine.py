@@ -162,6 +162,14 @@ def _is_typed_key(x):
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def default_row_keys(params_list):
+    """The keys of every output row of a request list (prompt-major): row j of prompt i is keyed
+    fold_in(key(seed), i * n + j), so a row's randomness depends only on its request."""
+    seeds = [p.seed for p in params_list for _ in range(p.n)]
+    ids = [i * p.n + j for i, p in enumerate(params_list) for j in range(p.n)]
+    return request_keys(np.asarray(seeds, np.uint32), np.asarray(ids, np.uint32))
+
+
 @jax.jit
 def request_keys(seeds, row_ids):
     """Row keys fold_in(key(seed), row id) for many rows at once (as `sampling.row_keys`)."""
@@ -377,9 +385,7 @@ class Engine:
             return []
         first_row = np.cumsum([0] + [p.n for p in params_list])
         if row_keys is None:
-            seeds = [p.seed for p in params_list for _ in range(p.n)]
-            ids = [i * p.n + j for i, p in enumerate(params_list) for j in range(p.n)]
-            row_keys = request_keys(np.asarray(seeds, np.uint32), np.asarray(ids, np.uint32))
+            row_keys = default_row_keys(params_list)
         elif len(row_keys) != first_row[-1]:
             raise UserError(f"{len(row_keys)} row keys for {first_row[-1]} rows")
         # Raw key data on the host (the same on every host): admissions slice it without a device

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from cpe_jax.errors import UserError
+from cpe_jax import sharding
 from cpe_jax.tokenizer import check_token_ids
 
 logger = logging.getLogger(__name__)
@@ -431,11 +432,16 @@ class Sampler:
             return int(self.max_prompt_length)
         return self.config.max_position_embeddings - params.max_tokens
 
-    def generate(self, prompts, params=None, *, progress=False, row_keys=None):
+    def generate(self, prompts, params=None, *, progress=False, row_keys=None, spread_over_hosts=False):
         """Sample params.n completions of each prompt (strings or lists of token ids).
 
         `params`: one SamplingParams for every prompt, or a list with one per prompt (as vLLM
         takes them). `row_keys`: optional keys, one per output row, instead of the seed's.
+        `spread_over_hosts`: in a multi-host job where every host runs its own copy of this
+        sampler (a mesh of the host's own devices) and passes the same prompts, each host samples
+        its share of the prompts and every host gets every output; the outputs are those of one
+        host sampling them all (each row keeps its own key). Ignored on one host or a mesh that
+        spans hosts (the engine is then one job over all of them).
         Returns a flat list of SampleOutputs, prompt-major: prompt i's n samples are consecutive
         (each carries prompt_index and index).
         """
@@ -459,7 +465,10 @@ class Sampler:
                     f"prompt {i} has {len(ids)} tokens, more than the limit of {limit}"
                     " (max_prompt_length, or max positions minus max_tokens)"
                 )
-        rows = self.engine.generate(encoded, params_list, progress=progress, row_keys=row_keys)
+        if spread_over_hosts and jax.process_count() > 1 and sharding.is_host_local(self.mesh):
+            rows = self._generate_across_hosts(encoded, params_list, progress, row_keys)
+        else:
+            rows = self.engine.generate(encoded, params_list, progress=progress, row_keys=row_keys)
         return [
             SampleOutput(
                 token_ids=row.token_ids,
@@ -474,6 +483,23 @@ class Sampler:
             )
             for row in rows
         ]
+
+
+    def _generate_across_hosts(self, encoded, params_list, progress, row_keys):
+        """EngineRows of all prompts, each host sampling its `host_share` of them with the keys
+        the rows have in the whole request list."""
+        from cpe_jax.engine import EngineRow, default_row_keys
+
+        keys = default_row_keys(params_list) if row_keys is None else row_keys
+        first_row = np.cumsum([0] + [p.n for p in params_list])
+
+        def work(indices):
+            a, b = indices[0], indices[-1] + 1
+            rows = self.engine.generate(encoded[a:b], params_list[a:b], progress=progress,
+                                        row_keys=keys[first_row[a]:first_row[b]])
+            return [dataclasses.asdict(dataclasses.replace(row, prompt_index=row.prompt_index + a)) for row in rows]
+
+        return [EngineRow(**row) for row in sharding.spread_over_hosts(work, range(len(encoded)))]
 
 
 # ---- JSONL in, JSONL out (the `cpe-jax generate` command) ------------------------------------
@@ -548,8 +574,6 @@ def generate_jsonl(sampler: "Sampler", prompts_path, out_path, params: SamplingP
     process 0 writes it."""
     import json
 
-    from cpe_jax.sharding import write_atomically
-
     rows, encoded, lines = read_prompt_rows(
         prompts_path, sampler.tokenizer, chat=chat, vocab_size=sampler.config.vocab_size
     )
@@ -559,7 +583,7 @@ def generate_jsonl(sampler: "Sampler", prompts_path, out_path, params: SamplingP
             raise UserError(
                 f"{prompts_path}:{line_no}: prompt has {len(ids)} tokens, more than {limit}"
             )
-    outputs = sampler.generate(encoded, params, progress=progress)
+    outputs = sampler.generate(encoded, params, progress=progress, spread_over_hosts=True)
     records = []
     for out in outputs:
         record = dict(rows[out.prompt_index])
@@ -572,5 +596,5 @@ def generate_jsonl(sampler: "Sampler", prompts_path, out_path, params: SamplingP
             finish_reason=out.finish_reason,
         )
         records.append(json.dumps(record, ensure_ascii=False) + "\n")
-    write_atomically(out_path, "".join(records))  # process 0 only: every host holds every row
+    sharding.write_atomically(out_path, "".join(records))  # process 0 only: every host holds every row
     return len(outputs)

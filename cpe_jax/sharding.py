@@ -387,6 +387,52 @@ def hosts_meet(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def is_host_local(mesh: Optional[Mesh]) -> bool:
+    """True when `mesh` (None: one default device) holds only this process's devices: code on it
+    runs on this host alone, so hosts of a multi-host job can each run their own copy of it."""
+    devices = jax.local_devices()[:1] if mesh is None else list(mesh.devices.flat)
+    return all(d.process_index == jax.process_index() for d in devices)
+
+
+def host_share(count: int) -> range:
+    """This process's contiguous share of `count` host-side work items that every host holds
+    (the prompts of `cpe-jax generate`, the judge calls of eval): host h of N takes items
+    count*h//N to count*(h+1)//N, so shares differ by at most one item and, concatenated in
+    process order, are the items in order."""
+    count, hosts, index = int(count), jax.process_count(), jax.process_index()
+    return range(count * index // hosts, count * (index + 1) // hosts)
+
+
+def gather_json(obj) -> list:
+    """Every host's `obj` (JSON-serialisable; NaN and inf allowed), in process order, on every
+    host (two all-gathers: sizes, then the padded bytes). Floats come back bit-exact."""
+    import json
+
+    if jax.process_count() == 1:
+        return [json.loads(json.dumps(obj))]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(gathered, sizes)]
+
+
+def spread_over_hosts(work, items) -> list:
+    """`work(share)` on this host's share (`host_share`) of `items`, which every host holds the
+    same; returns every host's results concatenated in process order, on every host. `work`
+    returns a list of JSON-serialisable values and must not run collectives (each host works
+    alone, e.g. on a host-local mesh or an HTTP judge). One process: `work(items)`."""
+    items = list(items)
+    if jax.process_count() == 1:
+        return list(work(items))
+    share = host_share(len(items))
+    own = list(work(items[share.start:share.stop])) if len(share) else []
+    return [value for part in gather_json(own) for value in part]
+
+
 def is_primary() -> bool:
     """True on process 0, the one host that writes metrics, reports and output files."""
     return jax.process_index() == 0

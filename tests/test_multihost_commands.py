@@ -2,7 +2,9 @@
 `cpe_jax.launch`) equal the same command as one process with 8 devices: `train` with the fused
 in-framework GRM (per-step metrics to 1e-4 relative), `generate` (identical rows, one output
 file written by process 0 only, no temp file left), and `eval --policy`, `label` and `rm-eval` with
-a Flax GRM (identical output files, every appended row once)."""
+a Flax GRM or a BT RM (identical output files, every appended row once). In those commands every
+host reads every row, and each host samples, judges or scores only its share: both hosts work,
+and their work adds up to the one host's."""
 
 import json
 import os
@@ -10,6 +12,7 @@ import shutil
 
 import pytest
 
+import cpe_jax
 from cpe_jax.cli import main as cli_main
 from cpe_jax.metrics import read_metrics
 from tests.helpers import make_hf_qwen2, make_persona_world_policy
@@ -17,13 +20,65 @@ from tests.multihost import run_command, run_job
 from tests.test_multihost_trainers import _one_host, _same_metrics, _train
 
 
+# Counts the rows each host works on (exec'd in the 2-host job and, undone after, in this process).
+COUNT_WORK = """
+from cpe_jax.engine import Engine
+from cpe_jax.reward.bt import BTScorer
+from cpe_jax.reward.flax_grm import FlaxGRMJudge, FlaxGRMScorer
+
+work, patched = {}, []
+
+def count(cls, name, key):
+    original = getattr(cls, name)
+
+    def counted(self, items, *args, **kwargs):
+        work[key] = work.get(key, 0) + len(items)
+        return original(self, items, *args, **kwargs)
+
+    patched.append((cls, name, original))
+    setattr(cls, name, counted)
+
+for cls, name, key in [(Engine, "generate", "prompts"), (FlaxGRMJudge, "__call__", "conversations"),
+                       (FlaxGRMScorer, "score", "expected"), (BTScorer, "score_array", "bt")]:
+    count(cls, name, key)
+"""
+
+
+def _work_of_one_host(run):
+    """{kind: rows} that `run()` (commands in this process, 8 devices) sampled, judged or scored."""
+    counting = {}
+    exec(COUNT_WORK, counting)
+    try:
+        run()
+    finally:
+        for cls, name, original in counting["patched"]:
+            setattr(cls, name, original)
+    return counting["work"]
+
+
+def _work_is_split(one, per_host):
+    """Both hosts worked on every kind of row, and their shares add up to the one host's rows."""
+    assert set(one) == set(per_host[0]) == set(per_host[1]), (one, per_host)
+    for kind, rows in one.items():
+        assert per_host[0][kind] > 0 and per_host[1][kind] > 0, (kind, per_host)
+        assert per_host[0][kind] + per_host[1][kind] == rows, (kind, one, per_host)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cpe_jax.models.heads import ValueModel, save_value_model
+
     root = tmp_path_factory.mktemp("multihost_commands")
     tokenizer = make_persona_world_policy(root / "policy", seed=0)
     shutil.copytree(root / "policy", root / "grm")  # same tokenizer, other (peakier) weights
     make_hf_qwen2(root / "grm", seed=1, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                   layers=2, heads=4, kv_heads=2, init_scale=0.2)
+    bt = ValueModel.from_policy(cpe_jax.load_model(str(root / "grm")))
+    bt.head.kernel.set_value(jnp.asarray(np.random.default_rng(0).normal(size=(32, 1)), jnp.float32))
+    save_value_model(bt, root / "bt", tokenizer_dir=root / "grm", kind="reward")
     return root
 
 
@@ -49,8 +104,13 @@ def test_generate_on_two_hosts_equals_one_host_and_host_0_writes_once(models, tm
 
     os.makedirs(tmp_path / "one")
     os.makedirs(tmp_path / "two")
-    assert cli_main(generate(tmp_path / "one" / "out.jsonl")) in (0, None)  # the 8-device reference
-    job = run_command(generate(tmp_path / "two" / "out.jsonl")).check()
+    one_work = _work_of_one_host(lambda: cli_main(generate(tmp_path / "one" / "out.jsonl")))  # 8 devices
+    job = run_job(COUNT_WORK + f"""
+from cpe_jax.cli import main
+assert main({generate(tmp_path / "two" / "out.jsonl")!r}) in (0, None)
+emit(work)
+""").check()
+    _work_is_split(one_work, {host: results[0] for host, results in job.results.items()})
     assert os.listdir(tmp_path / "two") == ["out.jsonl"]  # no OUT.tmp left behind
     one = [json.loads(line) for line in (tmp_path / "one" / "out.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (tmp_path / "two" / "out.jsonl").read_text().splitlines()]
@@ -90,20 +150,28 @@ def test_eval_label_and_rm_eval_with_a_flax_grm_on_two_hosts_equal_one_host(mode
              "--prompt-style", "compact", "--out", str(out / "label" / "labels.jsonl")],
             ["rm-eval", "--data", str(feedback), "--rm-type", "grm", "--rm", str(models / "grm"), "--max-tokens", "4",
              "--prompt-style", "compact", "--categories", "general", "--tiers", "easy", "--out", str(out / "rm")],
+            ["rm-eval", "--data", str(feedback), "--rm-type", "grm", "--grm-mode", "expected", "--rm",
+             str(models / "grm"), "--max-tokens", "4", "--prompt-style", "compact", "--categories", "general", "--tiers", "easy",
+             "--out", str(out / "rm_expected")],
+            ["rm-eval", "--data", str(feedback), "--rm-type", "bt", "--rm", str(models / "bt"), "--categories",
+             "general", "--tiers", "easy", "--out", str(out / "rm_bt")],
         ]
 
-    for args in commands(tmp_path / "one"):  # the 8-device references
-        assert cli_main(args) in (0, None)
-    # The three commands one after another in one 2-host job (JAX starts once: a launch costs seconds).
-    job = run_job(f"""
+    def one_host():  # the 8-device references
+        for args in commands(tmp_path / "one"):
+            assert cli_main(args) in (0, None)
+
+    one_work = _work_of_one_host(one_host)
+    # The commands one after another in one 2-host job (JAX starts once: a launch costs seconds).
+    job = run_job(COUNT_WORK + f"""
 from cpe_jax.cli import main
 for args in {commands(tmp_path / "two")!r}:
     assert main(args) in (0, None), args
-emit("done")
+emit(work)
 """)
     job.check()
-    assert job.results == {0: ["done"], 1: ["done"]}
-    for part in ("eval", "label", "rm"):
+    _work_is_split(one_work, {host: results[0] for host, results in job.results.items()})
+    for part in ("eval", "label", "rm", "rm_expected", "rm_bt"):
         one, two = _outputs(tmp_path / "one" / part), _outputs(tmp_path / "two" / part)
         assert list(two) == list(one)  # one file each, no PATH.tmp left behind
         assert two == one, part  # appended logs hold each row once: host 1 wrote nothing

@@ -281,7 +281,7 @@ def _generate(sampler, examples, sampling, policy_prompt, language):
                 "(the model's max positions minus --max-tokens)"
             )
         prompts.append(ids)
-    outputs = sampler.generate(prompts, sampling)
+    outputs = sampler.generate(prompts, sampling, spread_over_hosts=True)
     return [(o.text, o.finish_reason) for o in outputs]
 
 

@@ -250,6 +250,42 @@ def reply_judgement(reply) -> GRMJudgement:
     return _invalid("", f"{what}: {reply.error}")
 
 
+def score_across_hosts(score, rows) -> GRMBatchResult:
+    """`score(rows)` with the judge calls spread over the hosts of a multi-host job in which every
+    host holds the same rows: each host judges its own `host_share` and every host gets every
+    row's judgement back, in row order (edit selection needs all of them, and every host must
+    select the same rows)."""
+    import jax
+
+    from cpe_jax.sharding import gather_json, host_share
+
+    if jax.process_count() == 1:
+        return score(rows)
+    rows_here = host_share(len(rows))
+    own = score(rows[rows_here.start:rows_here.stop])
+    mine = {"scores": {k: np.asarray(v, np.float64).tolist() for k, v in own.scores.items()},
+            "critiques": list(own.critiques), "valid": np.asarray(own.valid).tolist(),
+            "problems": list(own.problems), "outcomes": list(own.outcomes)}
+    shares = gather_json(mine)
+    return GRMBatchResult(
+        scores={k: np.concatenate([np.asarray(s["scores"][k], np.float64) for s in shares]) for k in own.scores},
+        critiques=[c for s in shares for c in s["critiques"]],
+        valid=np.concatenate([np.asarray(s["valid"], bool) for s in shares]),
+        problems=[p for s in shares for p in s["problems"]],
+        outcomes=[o for s in shares for o in s["outcomes"]])
+
+
+class AcrossHostsScorer:
+    """A scorer (`score(examples) -> GRMBatchResult`) for a multi-host job in which every host
+    passes the same examples: each host scores its share (`score_across_hosts`)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def score(self, examples) -> GRMBatchResult:
+        return score_across_hosts(self.scorer.score, examples)
+
+
 def require_answers(result: GRMBatchResult, what="GRM"):
     """Raise JudgeUnavailable when a row of `result` got no answer (an RL step is not trained on
     half-judged rows: a NaN-masked row would teach nothing and hide the outage)."""

@@ -7,8 +7,11 @@ Commands reach it through `add_judge_arguments` + `judge_from_arguments` (`cpe-j
 import importlib
 import os
 
+import jax
+
 from cpe_jax.errors import UserError
-from cpe_jax.reward.judges import DEFAULT_MAX_CONSECUTIVE_FAILURES, CallableJudge, HTTPJudge
+from cpe_jax.reward.judges import DEFAULT_MAX_CONSECUTIVE_FAILURES, AcrossHostsJudge, CallableJudge, HTTPJudge
+from cpe_jax.sharding import is_host_local
 
 JUDGE_KINDS = ("python", "http", "flax")
 
@@ -117,7 +120,9 @@ def add_row_error_argument(parser):
 
 def judge_from_arguments(args, judge_path=None, mesh=None):
     """(ChatJudge, label) from the flags of `add_judge_arguments`; flags of another kind are refused.
-    A flax judge's model is placed on `mesh` (None: one device)."""
+    A flax judge's model is placed on `mesh` (None: one device). For the commands that give every
+    host the same rows (eval, label, rm-eval): in a multi-host job with a host-local `mesh` the
+    judge is an `AcrossHostsJudge`, so each host judges its share of every batch."""
     kind = args.judge
     judge_path = judge_path or args.judge_path
     flags = {"--judge-fn": args.judge_fn, "--base-url": args.base_url, "--judge-model": args.judge_model,
@@ -130,7 +135,11 @@ def judge_from_arguments(args, judge_path=None, mesh=None):
     extra = [flag for flag, value in flags.items() if value is not None and flag not in _KIND_FLAGS[kind]]
     if extra:
         raise UserError(f"{', '.join(extra)} cannot be used with --judge {kind}")
-    return build_judge(kind, judge_fn=args.judge_fn, base_url=args.base_url, judge_model=args.judge_model,
-                       api_key_env=args.api_key_env, judge_path=judge_path, max_concurrency=args.max_concurrency,
-                       timeout=args.judge_timeout, max_retries=args.judge_retries, backoff_base=args.judge_backoff,
-                       max_consecutive_failures=args.max_consecutive_failures, mesh=mesh)
+    judge, label = build_judge(
+        kind, judge_fn=args.judge_fn, base_url=args.base_url, judge_model=args.judge_model,
+        api_key_env=args.api_key_env, judge_path=judge_path, max_concurrency=args.max_concurrency,
+        timeout=args.judge_timeout, max_retries=args.judge_retries, backoff_base=args.judge_backoff,
+        max_consecutive_failures=args.max_consecutive_failures, mesh=mesh)
+    if jax.process_count() > 1 and is_host_local(mesh):
+        judge = AcrossHostsJudge(judge)
+    return judge, label

@@ -132,6 +132,31 @@ ROW_ERROR_STATUS = frozenset({400, 413, 422})  # the server refuses this one con
 _LOGPROB_CANDIDATES = 5
 
 
+class AcrossHostsJudge:
+    """A ChatJudge for a multi-host job in which every host passes the same conversations (eval,
+    label, rm-eval): each host asks `judge` for its `host_share` of them, so judge load spreads
+    over the hosts, and every host gets every reply, in order, to take the same decisions."""
+
+    def __init__(self, judge: ChatJudge):
+        self.judge = judge
+
+    def __getattr__(self, attr):  # name, fn, ...: what describes the judge is the wrapped one's
+        if attr == "judge":
+            raise AttributeError(attr)
+        return getattr(self.judge, attr)
+
+    def __repr__(self):
+        return repr(self.judge)
+
+    def __call__(self, conversations, **kwargs):
+        from cpe_jax.sharding import spread_over_hosts
+
+        def work(share):
+            return [dataclasses.asdict(reply) for reply in self.judge(share, **kwargs)]
+
+        return [JudgeReply(**reply) for reply in spread_over_hosts(work, conversations)]
+
+
 def backoff_delay(attempt, base, cap, retry_after=None, rng=random):
     """Seconds to wait before retry number `attempt` (0-based): base * 2**attempt, jittered, <= cap.
 

@@ -134,15 +134,23 @@ def grm_pair_scores(scorer, pairs, *, repeat=1, batch_size=32, out_dir=None, ski
     return out
 
 
-def bt_pair_scores(model, tokenizer, pairs, *, batch_size=8, max_length=2048, language="en"):
-    """Scores of a Bradley-Terry RM in the same layout as `grm_pair_scores` (K = 1, reward only)."""
-    from cpe_jax.reward.bt import score_texts
+def bt_pair_scores(model, tokenizer, pairs, *, batch_size=8, max_length=2048, language="en",
+                   spread_over_hosts=False):
+    """Scores of a Bradley-Terry RM in the same layout as `grm_pair_scores` (K = 1, reward only).
+    `spread_over_hosts`: in a multi-host job with the model on each host's own devices, each host
+    scores its share of the responses (`sharding.spread_over_hosts`)."""
+    from cpe_jax import sharding
+    from cpe_jax.reward.bt import BTScorer
 
-    return {
-        side: {"reward": np.asarray(score_texts(model, tokenizer, _examples(pairs, side), batch_size=batch_size,
-                                                max_length=max_length, language=language), np.float64)[None]}
-        for side in ("chosen", "rejected")
-    }
+    scorer = BTScorer(model, tokenizer, batch_size=batch_size, max_length=max_length, language=language)
+
+    def work(examples):
+        return [float(x) for x in scorer.score_array(examples)]
+
+    def scores(examples):
+        return sharding.spread_over_hosts(work, examples) if spread_over_hosts else work(examples)
+
+    return {side: {"reward": np.asarray(scores(_examples(pairs, side)), np.float64)[None]} for side in SIDES}
 
 
 def pair_outcomes(chosen, rejected):
@@ -334,6 +342,7 @@ def main(argv, *, mesh=None):
 
     from cpe_jax.data.personafeedback import find_pair_files, read_pairs
     from cpe_jax.errors import require_path
+    from cpe_jax.sharding import is_host_local
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.repeat < 1 or args.batch_size < 1:
@@ -354,7 +363,8 @@ def main(argv, *, mesh=None):
 
         path = require_path(args.rm, "reward model directory")
         scores = bt_pair_scores(BTRewardModel.load(path, mesh=mesh), load_tokenizer(path), pairs,
-                                        batch_size=args.batch_size, language=args.language)
+                                batch_size=args.batch_size, language=args.language,
+                                spread_over_hosts=is_host_local(mesh))
         info["rm"] = os.path.abspath(path)
     else:
         kind = args.judge or "flax"
@@ -367,12 +377,15 @@ def main(argv, *, mesh=None):
         if kind == "flax" and args.grm_mode == "expected":
             import cpe_jax
             from cpe_jax.reward.flax_grm import FlaxGRMScorer
+            from cpe_jax.reward.grm import AcrossHostsScorer
             from cpe_jax.tokenizer import load_tokenizer
 
             path = require_path(args.rm or args.judge_path, "GRM directory")
             scorer = FlaxGRMScorer(cpe_jax.load_model(path, mesh=mesh), load_tokenizer(path), mesh=mesh,
                                    language=args.language, temperature=temperature, max_tokens=args.max_tokens,
                                    prompt_style=args.prompt_style)
+            if is_host_local(mesh):  # every host holds every pair: each scores its share
+                scorer = AcrossHostsScorer(scorer)
             info["rm"] = f"flax-expected:{os.path.abspath(path)}"
         else:
             from cpe_jax.reward.grm import GRMScorer

@@ -6,16 +6,14 @@ train step. Shapes are static (prompt and response lengths come from the config)
 steps never recompile.
 """
 
-import json
 import logging
 import time
 
-import jax
 import numpy as np
 
 from cpe_jax.data import prompts as templates
 from cpe_jax.data.padding import left_pad
-from cpe_jax.reward.grm import GRMBatchResult, GRMScorer, require_answers
+from cpe_jax.reward.grm import GRMScorer, require_answers, score_across_hosts
 from cpe_jax.rl.batch import (RolloutBatch, edit_selection_metrics, host_floats, rollout_sample_configs, row_keys,
                               score_metrics, stream_key)
 from cpe_jax.rl.edits import select_edits
@@ -104,7 +102,7 @@ class Rollout:
                        reference=ex.get("reference"))
                   for ex, r in zip(examples, responses)]
         strategy = cfg.edit.strategy
-        orig = judge_across_hosts(self.scorer.score_for_editing if strategy != "none" else self.scorer.score, judged)
+        orig = score_across_hosts(self.scorer.score_for_editing if strategy != "none" else self.scorer.score, judged)
         require_answers(orig, "GRM on the responses")  # no answer: JudgeUnavailable, the step is not trained
         timings["time/judge"] = time.perf_counter() - t0
 
@@ -138,7 +136,7 @@ class Rollout:
             t0 = time.perf_counter()
             judged_edits = [dict(persona=ex["persona"], question=ex["question"], response=r, reference=ex.get("reference"))
                             for ex, r in zip(examples, edited)]
-            scored_edits = judge_across_hosts(self.scorer.score, judged_edits)
+            scored_edits = score_across_hosts(self.scorer.score, judged_edits)
             require_answers(scored_edits, "GRM on the edits")
             has_critique = np.array([bool(c.strip()) for c in orig.critiques])
             edit_valid = scored_edits.valid & has_critique
@@ -181,36 +179,3 @@ class Rollout:
             keep_edit=keep_edit,
         )
         return RolloutBatch(arrays=arrays, metrics=metrics, responses=tuple(responses), edited=tuple(edited))
-
-
-def judge_across_hosts(score, rows) -> GRMBatchResult:
-    """`score(rows)` with the judge calls spread over the hosts: each host judges its own
-    contiguous share of the rows and every host gets every row's judgement back, in row order
-    (edit selection needs all of them, and every host must select the same rows)."""
-    count, index = jax.process_count(), jax.process_index()
-    if count == 1:
-        return score(rows)
-    bounds = [len(rows) * h // count for h in range(count + 1)]
-    own = score(rows[bounds[index]:bounds[index + 1]])
-    share = {"scores": {k: np.asarray(v, np.float64).tolist() for k, v in own.scores.items()},
-             "critiques": list(own.critiques), "valid": np.asarray(own.valid).tolist(),
-             "problems": list(own.problems), "outcomes": list(own.outcomes)}
-    shares = _gather_json(share)
-    return GRMBatchResult(
-        scores={k: np.concatenate([np.asarray(s["scores"][k], np.float64) for s in shares]) for k in own.scores},
-        critiques=[c for s in shares for c in s["critiques"]],
-        valid=np.concatenate([np.asarray(s["valid"], bool) for s in shares]),
-        problems=[p for s in shares for p in s["problems"]],
-        outcomes=[o for s in shares for o in s["outcomes"]])
-
-
-def _gather_json(obj):
-    """Every host's `obj` (JSON-serialisable; NaN allowed), in process order, on every host."""
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
-    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(gathered, sizes)]
