@@ -35,7 +35,7 @@ from cpe_jax.sharding import fetch_global
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SYNC_EVERY = 16  # decode steps between host visits (see benchmarks/rollout_engine.py)
+DEFAULT_SYNC_EVERY = 8  # decode steps between host visits: timed best of 8, 16, 32 (benchmarks/rollout_engine.py)
 MAX_STOP_TOKENS = 8  # stop_token_ids per request (padded with -1)
 
 

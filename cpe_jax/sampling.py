@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cpe_jax.errors import UserError
 from cpe_jax import sharding
+from cpe_jax.errors import UserError
 from cpe_jax.tokenizer import check_token_ids
 
 logger = logging.getLogger(__name__)
@@ -483,7 +483,6 @@ class Sampler:
             )
             for row in rows
         ]
-
 
     def _generate_across_hosts(self, encoded, params_list, progress, row_keys):
         """EngineRows of all prompts, each host sampling its `host_share` of them with the keys
