@@ -97,7 +97,8 @@ def add_judge_arguments(parser, *, required=True):
     parser.add_argument("--api-key-env", metavar="VAR", help="--judge http: environment variable holding the "
                         "API key (default OPENAI_API_KEY; '' for a server without a key)")
     parser.add_argument("--judge-path", metavar="DIR", help="--judge flax: judge model directory")
-    parser.add_argument("--max-concurrency", type=int, default=8, help="--judge http: requests in flight")
+    parser.add_argument("--max-concurrency", type=int, default=8,
+                        help="--judge http: requests in flight (per host in a multi-host job)")
     parser.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="--judge http: seconds one request may take")
     parser.add_argument("--judge-retries", type=int, default=5,
