@@ -252,27 +252,29 @@ def reply_judgement(reply) -> GRMJudgement:
 
 def score_across_hosts(score, rows) -> GRMBatchResult:
     """`score(rows)` with the judge calls spread over the hosts of a multi-host job in which every
-    host holds the same rows: each host judges its own `host_share` and every host gets every
-    row's judgement back, in row order (edit selection needs all of them, and every host must
-    select the same rows)."""
+    host holds the same rows: each host judges its own share (`sharding.spread_over_hosts`) and
+    every host gets every row's judgement back, in row order (edit selection needs all of them,
+    and every host must select the same rows)."""
     import jax
 
-    from cpe_jax.sharding import gather_json, host_share
+    from cpe_jax.sharding import spread_over_hosts
 
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or not rows:
         return score(rows)
-    rows_here = host_share(len(rows))
-    own = score(rows[rows_here.start:rows_here.stop])
-    mine = {"scores": {k: np.asarray(v, np.float64).tolist() for k, v in own.scores.items()},
-            "critiques": list(own.critiques), "valid": np.asarray(own.valid).tolist(),
-            "problems": list(own.problems), "outcomes": list(own.outcomes)}
-    shares = gather_json(mine)
+
+    def work(share):
+        own = score(share)
+        return [{"scores": {k: float(v[i]) for k, v in own.scores.items()}, "critique": own.critiques[i],
+                 "valid": bool(own.valid[i]), "problem": own.problems[i], "outcome": own.outcomes[i]}
+                for i in range(len(share))]
+
+    judged = spread_over_hosts(work, rows)
     return GRMBatchResult(
-        scores={k: np.concatenate([np.asarray(s["scores"][k], np.float64) for s in shares]) for k in own.scores},
-        critiques=[c for s in shares for c in s["critiques"]],
-        valid=np.concatenate([np.asarray(s["valid"], bool) for s in shares]),
-        problems=[p for s in shares for p in s["problems"]],
-        outcomes=[o for s in shares for o in s["outcomes"]])
+        scores={k: np.asarray([r["scores"][k] for r in judged], np.float64) for k in judged[0]["scores"]},
+        critiques=[r["critique"] for r in judged],
+        valid=np.asarray([r["valid"] for r in judged], bool),
+        problems=[r["problem"] for r in judged],
+        outcomes=[r["outcome"] for r in judged])
 
 
 class AcrossHostsScorer:
