@@ -92,18 +92,34 @@ def bucket_size(n: int, minimum: int = 1, multiple: int = 1) -> int:
 # ---- per-row sampling (pure) -----------------------------------------------------------------
 
 
+def first_argmax(x):
+    """`jnp.argmax(x, axis=-1)` (the first index of the largest value, or of the first NaN) as two
+    plain reductions: XLA:CPU runs argmax's (value, index) reduction one element at a time, ~2x
+    slower over a vocabulary, and on every decode step."""
+    nan = jnp.isnan(x)
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, x == jnp.max(x, axis=-1, keepdims=True))
+    return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
+def categorical(keys, logits):
+    """`jax.vmap(jax.random.categorical)(keys, logits)`, the same Gumbel noise and draws, with
+    `first_argmax` (the Gumbel noise is not fused into the slow argmax reduction)."""
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
+    return first_argmax(noise + logits)
+
+
 def sample_rows(keys, logits, settings: SlotSettings, shape: EngineShape):
     """One token per row under that row's own settings; the same numbers as `sampling.sample_tokens`
     with the row's settings as constants. Returns (tokens, raw logprobs, sampling logprobs)."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
     tokens, sampling_logprobs = greedy, jnp.zeros(greedy.shape, jnp.float32)
     if shape.sampling:
         temperature = jnp.where(settings.temperature > 0, settings.temperature, 1.0)
         processed = logits / temperature[:, None]
         if shape.top_k or shape.top_p:
             processed = _truncate(processed, settings, shape)
-        sampled = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
+        sampled = categorical(keys, processed)
         chosen = jnp.take_along_axis(processed, sampled[:, None], axis=-1)[:, 0]
         is_sampled = settings.temperature > 0
         tokens = jnp.where(is_sampled, sampled, greedy)

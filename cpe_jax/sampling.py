@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from cpe_jax import sharding
+from cpe_jax.engine import DEFAULT_SYNC_EVERY, Engine, EngineRow, categorical, default_row_keys, first_argmax
 from cpe_jax.errors import UserError
 from cpe_jax.tokenizer import check_token_ids
 
@@ -135,11 +136,11 @@ def sample_tokens(keys, logits, temperature: float = 1.0, top_k: int = 0, top_p:
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = first_argmax(logits)
         sampling_logprobs = jnp.zeros(tokens.shape, jnp.float32)
     else:
         processed = process_logits(logits, temperature, top_k, top_p)
-        tokens = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
+        tokens = categorical(keys, processed)
         chosen = jnp.take_along_axis(processed, tokens[:, None], axis=-1)[:, 0]
         sampling_logprobs = chosen - jax.nn.logsumexp(processed, axis=-1)
     # Gather-then-normalise: two reductions over the vocabulary, no [B, V] log-softmax.
@@ -360,7 +361,6 @@ class Sampler:
         min_prompt_bucket=16,
         sync_every=None,
     ):
-        from cpe_jax.engine import DEFAULT_SYNC_EVERY, Engine
         from cpe_jax.tokenizer import eos_token_ids as tokenizer_eos_ids
         from cpe_jax.tokenizer import pad_token_id, sampleable_ids
 
@@ -487,7 +487,6 @@ class Sampler:
     def _generate_across_hosts(self, encoded, params_list, progress, row_keys):
         """EngineRows of all prompts, each host sampling its `host_share` of them with the keys
         the rows have in the whole request list."""
-        from cpe_jax.engine import EngineRow, default_row_keys
 
         keys = default_row_keys(params_list) if row_keys is None else row_keys
         first_row = np.cumsum([0] + [p.n for p in params_list])

@@ -12,7 +12,7 @@ from scipy import stats
 import cpe_jax
 from cpe_jax import cli
 from cpe_jax.errors import UserError
-from cpe_jax.engine import bucket_size
+from cpe_jax.engine import bucket_size, categorical, first_argmax
 from cpe_jax.sampling import (
     Sampler,
     SamplingParams,
@@ -169,6 +169,22 @@ def test_processed_distribution_matches_reference_and_frequencies(temperature, t
     _, p_value = stats.chisquare(counts[support], draws * expected[support])
     assert p_value > 1e-3
     np.testing.assert_allclose(sampling_logprobs, np.log(expected[tokens]), atol=1e-5)
+
+
+def test_first_argmax_and_categorical_equal_jax():
+    """The fast argmax and Gumbel draw are jnp.argmax and jax.random.categorical, ties and NaNs too."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(64, 300)).astype(np.float32)  # many ties
+    x[5, 17] = np.nan
+    x[6, [40, 9]] = np.nan
+    x[7] = -np.inf
+    x[8, :] = 1.0
+    np.testing.assert_array_equal(jax.jit(first_argmax)(x), jnp.argmax(x, axis=-1))
+    keys = row_keys(3, np.arange(64))
+    logits = jnp.asarray(rng.normal(size=(64, 300)).astype(np.float32) * 4)
+    logits = logits.at[:, 100:].set(-jnp.inf)  # a truncated distribution
+    np.testing.assert_array_equal(jax.jit(categorical)(keys, logits),
+                                  jax.vmap(jax.random.categorical)(keys, logits))
 
 
 def test_sampling_params_validation_names_the_field():
