@@ -93,7 +93,7 @@ def bucket_size(n: int, minimum: int = 1, multiple: int = 1) -> int:
 
 
 def first_argmax(x):
-    """`jnp.argmax(x, axis=-1)` (the first index of the largest value, or of the first NaN) as two
+    """`jnp.argmax(x, axis=-1)` (the first index of the largest value, or of the first NaN) as
     plain reductions: XLA:CPU runs argmax's (value, index) reduction one element at a time, ~2.5x
     slower over a vocabulary, and on every decode step."""
     nan = jnp.isnan(x)
