@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from cpe_jax.errors import UserError
+from cpe_jax.models.qwen2.model import compute_dtype_params, init_cache, map_layers, positions_from_mask
 from cpe_jax.sharding import fetch_global
 
 logger = logging.getLogger(__name__)
@@ -196,8 +197,6 @@ def request_keys(seeds, row_ids):
 
 
 def empty_state(config, shape: EngineShape) -> EngineState:
-    from cpe_jax.models.qwen2.model import init_cache
-
     b, s, n = shape.slots, shape.cache_length, shape.max_tokens
     return EngineState(
         cache=init_cache(config, b, s, dtype=shape.cache_dtype),
@@ -224,8 +223,6 @@ def admit(graphdef, params, state: EngineState, prompt_tokens, prompt_mask, sour
     """Prefill the left-padded prompts [K, P] once, copy each one's keys and values into the slots
     that sample it (`source[m]` is the prompt of admitted row m, `slots[m]` its slot; a slot index
     >= B pads the admission bucket and is dropped), and sample every admitted row's first token."""
-    from cpe_jax.models.qwen2.model import init_cache, map_layers, positions_from_mask
-
     model = nnx.merge(graphdef, params)
     row_keys = jax.random.wrap_key_data(row_keys)  # raw uint32 key data [M, 2] from the host
     k, p = prompt_tokens.shape
@@ -341,8 +338,10 @@ class Engine:
 
     def __init__(self, model, *, num_slots=64, mesh=None, sync_every=DEFAULT_SYNC_EVERY, eos_token_ids=(),
                  pad_token_id=0, cache_dtype=None, min_prompt_bucket=16):
-        self.graphdef, self.params = nnx.split(model)
         self.config = model.config
+        self._cast = jax.jit(compute_dtype_params, static_argnums=(1,))
+        self.graphdef, params = nnx.split(model)
+        self.set_params(params)
         self.mesh = mesh
         multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.num_slots = -(-int(num_slots) // multiple) * multiple
@@ -359,8 +358,9 @@ class Engine:
         self._empty = jax.jit(partial(empty_state, self.config), static_argnums=(0,))
 
     def set_params(self, params):
-        """Generate from new weights of the same structure: no recompile."""
-        self.params = params
+        """Generate from new weights of the same structure: no recompile. The engine keeps them in
+        the compute dtype (`compute_dtype_params`), one copy per call, not one cast per step."""
+        self.params = self._cast(params, self.config.dtype)
 
     def _traced_admit(self, params, state, tokens, mask, source, slots, keys, settings, shape):
         self.compile_count += 1

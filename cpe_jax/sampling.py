@@ -25,6 +25,7 @@ from flax import nnx
 from cpe_jax import sharding
 from cpe_jax.engine import DEFAULT_SYNC_EVERY, Engine, EngineRow, categorical, default_row_keys, first_argmax
 from cpe_jax.errors import UserError
+from cpe_jax.models.qwen2.model import compute_dtype_params
 from cpe_jax.tokenizer import check_token_ids
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,7 @@ def sample(graphdef, state, prompt_tokens, prompt_mask, rng, config: SampleConfi
 
     rng: one key (row b uses fold_in(rng, b)) or per-row keys [B] (see `row_keys`).
     """
+    state = compute_dtype_params(state, nnx.merge(graphdef, state).config.dtype)  # once, not per step
     ds = prefill(graphdef, state, prompt_tokens, prompt_mask, rng, config)
     return result_of(decode(graphdef, state, ds, config))
 

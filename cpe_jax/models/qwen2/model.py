@@ -859,6 +859,22 @@ class Qwen2ForCausalLM(nnx.Module):
         return jnp.einsum("be,ev->bv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
+def compute_dtype_params(params, dtype):
+    """`params` (a pytree) with every floating array wider than the compute `dtype` cast to it.
+
+    The forward pass casts each parameter to the compute dtype where it uses it, so this changes no
+    result; a decode loop given these reads half the weight bytes, where XLA would otherwise
+    convert every weight at every step (the casts are not hoisted out of a while loop)."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > dtype.itemsize:
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(cast, params)
+
+
 # ---- KV cache --------------------------------------------------------------------------------
 
 CACHE_LOGICAL_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
