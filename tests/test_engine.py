@@ -103,6 +103,31 @@ def test_a_refilled_slot_sees_no_trace_of_its_last_row(model):
     np.testing.assert_allclose(after.sampling_logprobs, alone.sampling_logprobs, rtol=0, atol=1e-5)
 
 
+def test_a_refilled_slot_sees_nothing_a_broken_last_row_left(model):
+    """A row whose keys and values went non-finite (here: a NaN embedding row for a token of its
+    prompt) leaves NaN in its slot's cache; the next request in that slot equals the same request
+    after a clean row, bitwise, and is finite (0 x NaN is NaN: no slot the new row does not see may
+    reach it through its zero probability)."""
+    graphdef, state = nnx.split(model)
+    broken_id = 1  # never in `_prompts` (ids from 3)
+
+    def break_embedding(path, x):
+        return x.at[broken_id].set(np.nan) if jax.tree_util.keystr(path).startswith("['embed']") else x
+
+    broken = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(break_embedding, state))
+    clean, second = _prompts([25, 4], seed=5)
+    first = clean[:10] + [broken_id] + clean[11:]
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=12, temperature=0.9, seed=4, ignore_eos=True)
+    engine = Engine(broken, num_slots=1, eos_token_ids=(EOS,), sync_every=5)
+    spoiled, after = engine.generate([first, second], [long, short])
+    _, after_clean = engine.generate([clean, second], [long, short])
+    assert np.isnan(spoiled.logprobs).all()
+    assert np.isfinite(after.logprobs).all() and broken_id not in after.token_ids
+    assert after.token_ids == after_clean.token_ids
+    assert after.logprobs == after_clean.logprobs and after.sampling_logprobs == after_clean.sampling_logprobs
+
+
 def test_n_samples_share_one_prefill(model, caplog):
     import logging
 
