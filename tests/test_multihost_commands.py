@@ -128,6 +128,22 @@ def _outputs(directory):
             for name in sorted(os.listdir(directory))}
 
 
+def _same_rows(two, one):
+    """Two JSONL texts hold the same rows: every field equal, floats to 1e-6 relative (the expected
+    GRM scores sum probabilities through collectives whose order differs between 2 processes x 4
+    devices and 1 x 8, a last-bit difference on some CPUs)."""
+    def same(a, b):
+        if isinstance(a, float) and isinstance(b, float):
+            return a == pytest.approx(b, rel=1e-6, abs=1e-7)
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(map(same, a, b))
+        return a == b
+    two_rows, one_rows = two.splitlines(), one.splitlines()
+    return len(two_rows) == len(one_rows) and all(same(json.loads(a), json.loads(b)) for a, b in zip(two_rows, one_rows))
+
+
 def test_eval_label_and_rm_eval_with_a_flax_grm_on_two_hosts_equal_one_host(models, tmp_path):
     rows = [{"question": f"which {topic} suits me?", "persona": {"Name": name}, "response": f"the {topic} near you"}
             for name, topic in [("Ann", "hotel"), ("Bo", "dish"), ("Cy", "phone")]]
@@ -174,7 +190,11 @@ emit(work)
     for part in ("eval", "label", "rm", "rm_expected", "rm_bt"):
         one, two = _outputs(tmp_path / "one" / part), _outputs(tmp_path / "two" / part)
         assert list(two) == list(one)  # one file each, no PATH.tmp left behind
-        assert two == one, part  # appended logs hold each row once: host 1 wrote nothing
+        for name in one:  # appended logs hold each row once: host 1 wrote nothing
+            if part == "rm_expected" and name.endswith(".jsonl"):
+                assert _same_rows(two[name], one[name]), (part, name)
+            else:
+                assert two[name] == one[name], (part, name)
     labels = (tmp_path / "two" / "label" / "labels.jsonl").read_text().splitlines()
     assert len(labels) == 3
     assert json.loads((tmp_path / "two" / "eval" / "metrics.json").read_text())["n"] == 3
