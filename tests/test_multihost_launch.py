@@ -25,15 +25,15 @@ def _python(code):
 def test_each_host_gets_its_jax_variables_and_prefixed_output_and_the_first_failure_is_returned():
     out, err = Output(), Output()
     job = LocalJob(_python("""
-        import os, sys, time
+        import os, signal, sys, time
         host = int(os.environ["JAX_PROCESS_ID"])
         print(os.environ["JAX_NUM_PROCESSES"], os.environ["JAX_COORDINATOR_ADDRESS"], os.environ["JAX_PLATFORMS"],
-              os.environ["XLA_FLAGS"])
-        print("to stderr", file=sys.stderr)
-        if host == 2:
-            sys.exit(3)        # fails first ...
-        time.sleep(0.3 if host == 1 else 60)
-        sys.exit(5 if host == 1 else 0)  # ... host 1 fails later; host 0 would run on
+              os.environ["XLA_FLAGS"], flush=True)
+        print("to stderr", file=sys.stderr, flush=True)
+        if host == 1:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep({0: 60, 1: 3, 2: 2}[host])  # every host has printed before the first one fails
+        sys.exit({0: 0, 1: 5, 2: 3}[host])     # host 2 fails first, host 1 later (within the grace); host 0 would run on
     """), hosts=3, devices_per_host=2, stdout=out, stderr=err, grace=5)
     start = time.monotonic()
     assert job.run(timeout=60) == 3
