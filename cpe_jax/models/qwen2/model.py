@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpe_jax.errors import UserError
+from cpe_jax.models.qwen2 import cpu_decode
 from cpe_jax.models.qwen2.attention import (
     ATTENTION_CHOICES, fused_causal_attention, resolve_attention, uses_cpu_kernels)
 from cpe_jax.sharding import LOGICAL_AXIS_RULES, logical_to_spec
@@ -585,7 +586,16 @@ def live_span(allowed, end):
     return jnp.max(jnp.where(allowed, behind, -1)) + 1
 
 
-def _decode_attention(q, k, v, allowed, end):
+def decode_attention(q, k, v, allowed, end):
+    """`_attention` for one query position (q [B, KVH, G, 1, D], allowed [B, S]) over a cache k, v
+    [B, KVH, S, D] whose newest slot is `end`: on CPU the C++ kernel of `cpu_decode`, which reads
+    each row's own slots; elsewhere (and where it cannot be built) `xla_decode_attention`."""
+    if cpu_decode.applies(q, k):
+        return cpu_decode.decode_attention(q[:, :, :, 0], k, v, allowed, end)[:, :, :, None]
+    return xla_decode_attention(q, k, v, allowed, end)
+
+
+def xla_decode_attention(q, k, v, allowed, end):
     """`_attention` for one query position (allowed [B, S]) over a cache k, v [B, KVH, S, D]
     whose newest slot is `end`: it reads only the smallest window of `decode_windows` that ends at
     `end` (wrapping as a ring does) and holds the longest-lived row's slots (`live_span`), so a
@@ -691,7 +701,7 @@ class Attention(nnx.Module):
             if t == 1:
                 # One new token: the mask alone says what it sees (it must cover the slot being
                 # written and no later one), so a ring-buffer cache whose live slots wrap works too.
-                out = _decode_attention(q, cache_k, cache_v, mask.astype(bool), cache_end)
+                out = decode_attention(q, cache_k, cache_v, mask.astype(bool), cache_end)
             else:
                 allowed = (jnp.arange(s)[None, :] <= query_slots[:, None])[None] & mask[:, None, :].astype(bool)
                 out = _attention(q, k, v, allowed)
