@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -87,15 +88,8 @@ def engine_runner(path, dtype, prompts, lengths, sync_every, decode_kernel=True)
         assert [len(r.token_ids) for r in rows] == [n for n in lengths for _ in range(SAMPLES)]
 
     if not decode_kernel:  # decode steps are traced in the first run: compile them without the kernel
-        previous = os.environ.get("CPE_JAX_CPU_DECODE_KERNEL")
-        os.environ["CPE_JAX_CPU_DECODE_KERNEL"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"CPE_JAX_CPU_DECODE_KERNEL": "0"}):
             run()
-        finally:
-            if previous is None:
-                del os.environ["CPE_JAX_CPU_DECODE_KERNEL"]
-            else:
-                os.environ["CPE_JAX_CPU_DECODE_KERNEL"] = previous
     return run
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import jaxlib
 
 from cpe_jax.errors import UserError
+from cpe_jax.hardware import cpu_flags
 from cpe_jax.models.qwen2.attention import uses_cpu_kernels
 from cpe_jax.sharding import logical_to_spec
 
@@ -38,14 +39,6 @@ FFI_TARGET = "cpe_decode_attention"
 KERNEL_ENV = "CPE_JAX_CPU_DECODE_KERNEL"
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-fPIC", "-shared")
-
-
-def _cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
 
 
 def _cache_dir() -> Path:
@@ -71,12 +64,12 @@ def _compile(compiler: str, out: Path) -> None:
 def kernel_available() -> bool:
     """Compile (or find the cached build of) the kernel and register it with XLA:CPU; False, after
     one warning, when it cannot be built here."""
-    compiler = shutil.which(os.environ.get("CXX") or "g++")
+    name = os.environ.get("CXX") or "g++"
+    compiler = shutil.which(name)
     if compiler is None:
-        log.warning("no C++ compiler (%s): CPU decode attention runs the slower XLA form",
-                    os.environ.get("CXX") or "g++")
+        log.warning("no C++ compiler (%s): CPU decode attention runs the slower XLA form", name)
         return False
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, _cpu_features(), compiler,
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, *sorted(cpu_flags()), compiler,
                                     *COMPILE_FLAGS]).encode()).hexdigest()[:16]
     library = _cache_dir() / f"decode_attention-{key}.so"
     try:
@@ -113,14 +106,14 @@ def applies(q, k) -> bool:
 
 def decode_attention(q, k, v, allowed, end):
     """Attention of q [B, KVH, G, D] over the slots of k, v [B, KVH, S, D] that allowed [B, S]
-    permits, summed oldest first from the slot after the newest, `end`; [B, KVH, G, D] in q's dtype. Under a mesh each device runs the kernel on its own
-    rows and kv heads (sharded as the cache is)."""
+    permits, summed oldest first from the slot after the newest, `end`; [B, KVH, G, D] in q's
+    dtype. Under a mesh each device runs the kernel on its own rows and kv heads (sharded as the
+    cache is)."""
     def kernel(q, k, v, allowed, end):
         return jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype),
                                 vmap_method="sequential")(q, k, v, allowed.astype(bool), end)
 
     end = jnp.asarray(end, jnp.int32)
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return kernel(q, k, v, allowed, end)

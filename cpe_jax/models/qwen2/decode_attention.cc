@@ -254,12 +254,13 @@ bool is_float(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::Dat
 ffi::Error decode_attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                             ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::S32> end_slot,
                             ffi::Result<ffi::AnyBuffer> out) {
-  auto qd = q.dimensions(), kd = k.dimensions(), ad = allowed.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || ad.size() != 2 || v.dimensions().size() != 4)
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), ad = allowed.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || ad.size() != 2 || vd.size() != 4)
     return ffi::Error::InvalidArgument("decode_attention: q, k, v must be rank 4 and allowed rank 2");
   Dims n{qd[0], qd[1], qd[2], kd[2], qd[3]};
-  if (kd[0] != n.b || kd[1] != n.kvh || kd[3] != n.d || ad[0] != n.b || ad[1] != n.s)
-    return ffi::Error::InvalidArgument("decode_attention: q, k and allowed shapes disagree");
+  if (kd[0] != n.b || kd[1] != n.kvh || kd[3] != n.d || !std::equal(kd.begin(), kd.end(), vd.begin()) ||
+      ad[0] != n.b || ad[1] != n.s)
+    return ffi::Error::InvalidArgument("decode_attention: q, k, v and allowed shapes disagree");
   if (!is_float(q.element_type()) || !is_float(k.element_type()) || k.element_type() != v.element_type() ||
       out->element_type() != q.element_type())
     return ffi::Error::InvalidArgument("decode_attention: dtypes must be float32 or bfloat16");
