@@ -41,16 +41,12 @@ from machine import MODEL  # noqa: E402  (benchmarks/machine.py)
 PROMPTS, SAMPLES, PROMPT_LEN, SLOTS = 128, 4, 64, 64
 MEDIAN_TOKENS, CAP_TOKENS = 96, 512
 VLLM_MEMORY_FRACTION = 0.2  # of the machine's memory, for vLLM's weights and KV cache (ample here)
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu_features():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return [flag for flag in CPU_FLAGS if flag in flags]
+    from cpe_jax.hardware import cpu_features as features
+
+    return [name for name, present in features().items() if present]
 
 
 def workload(count=PROMPTS, seed=0):
