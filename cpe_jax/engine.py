@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from cpe_jax.errors import UserError
-from cpe_jax.models.qwen2.model import compute_dtype_params, init_cache, map_layers, positions_from_mask
+from cpe_jax.models.qwen2.model import (as_raw_bits, compute_dtype_params, init_cache, map_layers, positions_from_mask,
+                                        weights_hold_compute_values)
 from cpe_jax.sharding import fetch_global
 
 logger = logging.getLogger(__name__)
@@ -236,11 +237,22 @@ def admit(graphdef, params, state: EngineState, prompt_tokens, prompt_mask, sour
     # The prompt takes the P ring slots before the next write, so its first fed token lands at `end`.
     end = state.cache["end"]
     ring = (end - p + jnp.arange(p)) % s
-    slot_rows = slots[:, None]
 
-    def place(cache_layer, prompt_layer):  # [B, KVH, S, D] <- [K, KVH, P, D] at (slots, ring)
-        new = prompt_layer[source].astype(cache_layer.dtype).transpose(0, 2, 1, 3)  # [M, P, KVH, D]
-        return cache_layer.at[slot_rows, :, ring[None, :]].set(new, mode="drop")
+    # Each admitted row's slot gets a whole new ring row: its prompt's keys and values at the P
+    # ring slots before `end`, zeros elsewhere. Row by row, in place: a scatter into a 16-bit
+    # cache runs through float32 (or raw-bit) copies of the whole cache.
+    offset = (jnp.arange(s) - (end - p)) % s  # the prompt position each ring slot holds, if < p
+    admitted_rows = jnp.sum(slots < shape.slots)  # admitted rows come first; the rest pad the bucket
+
+    def place(cache_layer, prompt_layer):  # [B, KVH, S, D] <- [K, KVH, P, D]
+        def write(m, cache):
+            prompt = jax.lax.dynamic_index_in_dim(prompt_layer, source[m], keepdims=True).astype(cache.dtype)
+            row = jnp.take(prompt, jnp.minimum(offset, p - 1), axis=2)  # [1, KVH, S, D]
+            row = jnp.where((offset < p)[None, None, :, None], row, jnp.zeros((), row.dtype))
+            update = partial(jax.lax.dynamic_update_slice_in_dim, start_index=slots[m], axis=0)
+            return as_raw_bits(update, cache, row)
+
+        return jax.lax.fori_loop(0, admitted_rows, write, cache_layer)
 
     cache = dict(state.cache, k=map_layers(place, state.cache["k"], prompt_cache["k"]),
                  v=map_layers(place, state.cache["v"], prompt_cache["v"]))
@@ -366,12 +378,14 @@ class Engine:
         self.compile_count += 1
         logger.info("compiling engine admission: %d prompts x %d tokens into %d rows",
                     tokens.shape[0], tokens.shape[1], slots.shape[0])
-        return admit(self.graphdef, params, state, tokens, mask, source, slots, keys, settings, shape)
+        with weights_hold_compute_values():  # self.params went through compute_dtype_params
+            return admit(self.graphdef, params, state, tokens, mask, source, slots, keys, settings, shape)
 
     def _traced_decode(self, params, state, shape):
         self.compile_count += 1
         logger.info("compiling engine decode: %d slots, ring of %d", shape.slots, shape.cache_length)
-        return decode(self.graphdef, params, state, shape, self.sync_every)
+        with weights_hold_compute_values():
+            return decode(self.graphdef, params, state, shape, self.sync_every)
 
     def shape_for(self, prompt_lengths, params_list) -> EngineShape:
         """The static shape serving these requests: ring = longest prompt bucket + longest max_tokens."""

@@ -1,10 +1,12 @@
 """What the host CPU can do, read once from /proc/cpuinfo: the one place that decides whether
-bfloat16 compute pays off on CPU.
+bfloat16 compute pays off on CPU, and how its matmuls run.
 
 XLA:CPU runs a bfloat16 x bfloat16 -> float32 matmul on AMX tiles (Intel Sapphire Rapids and
-later), several times faster than float32. Without AMX it converts to float32 first, and bfloat16
-compute is slower than float32 (measured on a 2-core AMD EPYC with AVX-512 BF16 but no AMX: the
-sampler at 554 vs 619 tokens/s at batch 8); the AVX-512 BF16 dot instructions alone do not help it.
+later), several times faster than float32. Without AMX its bfloat16 matmuls are ~1.5x slower than
+float32 ones of the same values (the AVX-512 BF16 dot instructions alone do not help), so there
+the model multiplies float32 copies of bfloat16 operands (`cpu_multiplies_natively`, used by
+`models.qwen2.model.dot_operands`): the same products, at float32 speed. bfloat16 is still not
+the default compute dtype there (`cpu_prefers_bfloat16`): float32 is exact and about as fast.
 """
 
 import functools
@@ -34,6 +36,16 @@ def cpu_features(path: str = CPUINFO) -> dict:
     """{feature: present} for the features that decide CPU speed here (benchmarks print this)."""
     flags = cpu_flags(path)
     return {name: name in flags for name in REPORTED_FEATURES}
+
+
+def cpu_multiplies_natively(dtype_name: str, path: str = CPUINFO) -> bool:
+    """Whether XLA:CPU runs a `dtype` x `dtype` -> float32 matmul here at least as fast as a
+    float32 one: float32 always, bfloat16 with AMX only. Without AMX it runs a bfloat16 matmul
+    ~1.5x slower than the float32 matmul of the same values (64 x 512 x 1376 on a 2-core AMD
+    EPYC with AVX2: 1.00 against 0.60 ms), and a float16 one likewise."""
+    if dtype_name == "float32":
+        return True
+    return dtype_name == "bfloat16" and BFLOAT16_MATMUL_FEATURE in cpu_flags(path)
 
 
 # Overrides the choice on every CPU (e.g. a test suite that must run the same on any machine).

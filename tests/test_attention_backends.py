@@ -5,6 +5,7 @@ ragged batch padded on both sides (float32, 1e-4); and the sampler's log-probs a
 trainer's."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -281,3 +282,77 @@ def test_commands_configs_set_attention_and_scan_layers():
     assert load_options(ml_collections.ConfigDict({"lr": 1.0})) == {}
     with pytest.raises(UserError, match=r"^config field attention: must be one of .*got 'fast'$"):
         load_options(ml_collections.ConfigDict({"attention": "fast"}))
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16", False), ("fpu avx2 amx_bf16 amx_tile", True)])
+def test_bfloat16_matmuls_run_on_float32_copies_without_amx(tmp_path, monkeypatch, flags, native):
+    """Without AMX, XLA:CPU's bfloat16 dots are slower than float32 ones: every matmul of a
+    bfloat16 model (forward and backward) then multiplies float32 copies of its bfloat16
+    operands, which changes no product; with AMX it multiplies bfloat16 operands."""
+    from cpe_jax import hardware
+    from cpe_jax.models.qwen2 import model as qwen2
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"flags\t\t: {flags}\n")
+    assert hardware.cpu_multiplies_natively("bfloat16", str(cpuinfo)) is native
+    assert hardware.cpu_multiplies_natively("float16", str(cpuinfo)) is False
+    assert hardware.cpu_multiplies_natively("float32", str(cpuinfo)) is True
+    monkeypatch.setattr(qwen2, "cpu_multiplies_natively", lambda name: hardware.cpu_multiplies_natively(name, str(cpuinfo)))
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    graphdef, state = nnx.split(qwen2.Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(2, 8)), jnp.int32)
+
+    def loss(state):
+        logits, _ = nnx.merge(graphdef, state)(tokens)
+        return jnp.mean(logits)
+
+    dots = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    assert len(dots) > 20  # forward and backward of every dense layer, attention and the head
+    want = "bfloat16" if native else "float32"
+    assert all(a == b == want for a, b in dots), sorted(set(dots))
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 96)).astype(jnp.bfloat16)
+    w = rng.standard_normal((96, 40)).astype(jnp.bfloat16)
+    got = jax.jit(lambda x, w: jnp.dot(*qwen2.dot_operands(x, w), preferred_element_type=jnp.float32))(x, w)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(got), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_weights_cast_once_give_the_same_logits(monkeypatch, native):
+    """`compute_dtype_params` keeps bfloat16 values as float32 where the CPU multiplies float32
+    copies; under `weights_hold_compute_values` (the engine) the model multiplies them as they are.
+    Logits equal those of the float32 parameters rounded at every use, bit for bit."""
+    from cpe_jax.models.qwen2 import model as qwen2
+
+    monkeypatch.setattr(qwen2, "cpu_multiplies_natively", lambda name: native or name == "float32")
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16")
+    graphdef, params = nnx.split(qwen2.Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
+    cast = qwen2.compute_dtype_params(params, "bfloat16")
+    kernel = cast["layers"][0]["mlp"]["up_kernel"][...]
+    assert kernel.dtype == (jnp.bfloat16 if native else jnp.float32)
+    np.testing.assert_array_equal(np.asarray(kernel, np.float32),
+                                  np.asarray(params["layers"][0]["mlp"]["up_kernel"][...].astype(jnp.bfloat16), np.float32))
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 64, size=(3, 8)), jnp.int32)
+
+    def logits(params):
+        out, _ = nnx.merge(graphdef, params)(tokens)
+        return out
+
+    want = jax.jit(logits)(params)
+    with qwen2.weights_hold_compute_values():
+        got = jax.jit(logits)(cast)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

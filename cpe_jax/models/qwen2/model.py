@@ -14,6 +14,8 @@ its mask allows, which must include `end` and nothing written later (slot order 
 ring-buffer cache works: see `cpe_jax.engine`).
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpe_jax.errors import UserError
+from cpe_jax.hardware import cpu_multiplies_natively
 from cpe_jax.models.qwen2 import cpu_decode
 from cpe_jax.models.qwen2.attention import (
     ATTENTION_CHOICES, fused_causal_attention, resolve_attention, uses_cpu_kernels)
@@ -310,6 +313,42 @@ def rotary(x, positions, theta):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
+def dot_operands(*operands):
+    """The operands of a float32-accumulating dot, as this backend multiplies them fastest: as
+    they are on TPU, GPU and where the CPU multiplies their dtype natively (AMX for bfloat16);
+    elsewhere on CPU upcast to float32, where XLA:CPU runs a bfloat16 dot ~1.5x slower than the
+    float32 dot of the same values. The upcast changes no product (two bfloat16 or float16
+    values multiply exactly in float32), so the result differs only in summation order."""
+    if not uses_cpu_kernels():
+        return operands
+    return tuple(a if cpu_multiplies_natively(jnp.dtype(a.dtype).name) else a.astype(jnp.float32)
+                 for a in operands)
+
+
+_WEIGHTS_HOLD_COMPUTE_VALUES = contextvars.ContextVar("weights_hold_compute_values", default=False)
+
+
+@contextlib.contextmanager
+def weights_hold_compute_values():
+    """Functions traced within this take float32 weights as already holding compute-dtype values
+    (`compute_dtype_params` made them so, on a CPU that multiplies float32 copies) and multiply
+    them as they are: rounding them again is a conversion of every weight at every call, which
+    XLA cannot tell is exact. Only for parameters that went through `compute_dtype_params`."""
+    token = _WEIGHTS_HOLD_COMPUTE_VALUES.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_HOLD_COMPUTE_VALUES.reset(token)
+
+
+def in_compute_dtype(weight, dtype):
+    """`weight` cast to the compute `dtype`, or as it is where it already holds such values
+    (`weights_hold_compute_values`)."""
+    if _WEIGHTS_HOLD_COMPUTE_VALUES.get() and weight.dtype == jnp.float32:
+        return weight
+    return weight.astype(dtype)
+
+
 def _dense(x, kernel, bias=None, out_dtype=None):
     """x [B, T, E] times kernel [E, ...] (+ bias [...]), the kernel and bias cast to x's dtype: a
     plain dot_general on TPU and GPU; on CPU ONE 2-D [B*T, E] matmul accumulating in float32.
@@ -317,7 +356,8 @@ def _dense(x, kernel, bias=None, out_dtype=None):
     2-D because XLA:CPU emits the backward pass of a 3-D dot with slow fused transposes (~2x the
     cost of the whole MLP backward); a float32 result, with the bias added in float32, because
     XLA:CPU runs a bfloat16-output dot as a float32 one (bfloat16 x bfloat16 -> float32 runs on
-    AMX, ~5x faster) and sums a bfloat16 bias gradient through a slow exact reduction."""
+    AMX, ~5x faster; without AMX on float32 copies, see `dot_operands`) and sums a bfloat16 bias
+    gradient through a slow exact reduction."""
     b, t, e = x.shape
     if not uses_cpu_kernels():
         out = jnp.einsum("bte,ef->btf", x, kernel.astype(x.dtype).reshape(e, -1),
@@ -325,7 +365,7 @@ def _dense(x, kernel, bias=None, out_dtype=None):
         if bias is not None:
             out = out + bias.astype(out.dtype).reshape(-1)
         return out.astype(out_dtype or x.dtype).reshape(b, t, *kernel.shape[1:])
-    x2, k2 = x.reshape(b * t, e), kernel.astype(x.dtype).reshape(e, -1)
+    x2, k2 = x.reshape(b * t, e), in_compute_dtype(kernel, x.dtype).reshape(e, -1)
     out = jnp.dot(x2, k2) if x.dtype == jnp.float32 else _low_precision_matmul(x2, k2)
     if bias is not None:
         out = out + bias.astype(x.dtype).astype(jnp.float32).reshape(-1)
@@ -336,7 +376,7 @@ def _dense(x, kernel, bias=None, out_dtype=None):
 def _low_precision_matmul(x, kernel):
     """x @ kernel in the inputs' dtype with a float32 result, whose gradients are also computed
     as input-dtype matmuls (autodiff alone would run them on the float32 cotangent)."""
-    return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+    return jnp.dot(*dot_operands(x, kernel), preferred_element_type=jnp.float32)
 
 
 def _low_precision_matmul_fwd(x, kernel):
@@ -346,8 +386,8 @@ def _low_precision_matmul_fwd(x, kernel):
 def _low_precision_matmul_bwd(residuals, g):
     x, kernel = residuals
     g = g.astype(x.dtype)
-    dx = jnp.dot(g, _transposed_copy(kernel), preferred_element_type=jnp.float32)
-    dk = jnp.dot(_transposed_copy(x), g, preferred_element_type=jnp.float32)
+    dx = jnp.dot(*dot_operands(g, _transposed_copy(kernel)), preferred_element_type=jnp.float32)
+    dk = jnp.dot(*dot_operands(_transposed_copy(x), g), preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -367,7 +407,7 @@ QUERY_BLOCK = 128  # rows of a causal attention block (without a cache)
 
 def _matmul(a, b):
     """Batched a [..., I, J] @ b [..., J, L] with a float32 result."""
-    return jnp.einsum("...ij,...jl->...il", a, b, preferred_element_type=jnp.float32)
+    return jnp.einsum("...ij,...jl->...il", *dot_operands(a, b), preferred_element_type=jnp.float32)
 
 
 def _swap_minor(a):
@@ -542,12 +582,12 @@ def _attention(q, k, v, allowed):
     v = zero_masked_keys(v, jnp.any(allowed, axis=1))
     b, kvh, groups, t, d = q.shape
     s = k.shape[2]
-    scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kvh, groups * t, d), k,
+    scores = jnp.einsum("bkqd,bksd->bkqs", *dot_operands(q.reshape(b, kvh, groups * t, d), k),
                         preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kvh, groups, t, s) * (d ** -0.5)
     scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kvh, groups * t, s)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkqs,bksd->bkqd", *dot_operands(probs, v), preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(b, kvh, groups, t, d)
 
 
@@ -556,13 +596,18 @@ def _write_slots(cache, new, end):
 
     A 16-bit cache is updated as raw bits: XLA moves the float32 -> bfloat16 conversion of `new`
     past the update, which then rewrites the whole cache through float32 at every step."""
-    start = (0, 0, end, 0)
-    new = new.astype(cache.dtype)
+    return as_raw_bits(partial(jax.lax.dynamic_update_slice, start_indices=(0, 0, end, 0)), cache,
+                       new.astype(cache.dtype))
+
+
+def as_raw_bits(update, cache, new):
+    """update(cache, new) (a write of `new` into `cache`, both of one dtype) on the raw bits of a
+    16-bit cache: XLA:CPU otherwise moves a float32 -> bfloat16 conversion past the write and
+    rewrites the whole cache through float32."""
     if cache.dtype.itemsize != 2:
-        return jax.lax.dynamic_update_slice(cache, new, start)
+        return update(cache, new)
     bits = jax.lax.bitcast_convert_type
-    updated = jax.lax.dynamic_update_slice(bits(cache, jnp.uint16), bits(new, jnp.uint16), start)
-    return bits(updated, cache.dtype)
+    return bits(update(bits(cache, jnp.uint16), bits(new, jnp.uint16)), cache.dtype)
 
 
 SMALLEST_DECODE_WINDOW = 64  # cache slots of the shortest window decode attention reads
@@ -866,7 +911,8 @@ class Qwen2ForCausalLM(nnx.Module):
         """Logits [B, V] float32 of final hidden states [B, E]: the head at the positions a sampler
         draws from only (a prefill never materialises [B, P, V])."""
         head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("be,ev->bv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("be,ev->bv", *dot_operands(hidden, in_compute_dtype(head, hidden.dtype)),
+                          preferred_element_type=jnp.float32)
 
 
 def compute_dtype_params(params, dtype):
@@ -874,12 +920,16 @@ def compute_dtype_params(params, dtype):
 
     The forward pass casts each parameter to the compute dtype where it uses it, so this changes no
     result; a decode loop given these reads half the weight bytes, where XLA would otherwise
-    convert every weight at every step (the casts are not hoisted out of a while loop)."""
+    convert every weight at every step (the casts are not hoisted out of a while loop). Where the
+    CPU multiplies float32 copies of `dtype` operands (`dot_operands`), the cast values are kept
+    as float32 (exactly): traced under `weights_hold_compute_values`, the matmuls then take them
+    with no conversion at all."""
     dtype = jnp.dtype(dtype)
+    as_float32 = uses_cpu_kernels() and not cpu_multiplies_natively(dtype.name)
 
     def cast(x):
         if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > dtype.itemsize:
-            return x.astype(dtype)
+            return x.astype(dtype).astype(jnp.float32) if as_float32 else x.astype(dtype)
         return x
 
     return jax.tree.map(cast, params)
