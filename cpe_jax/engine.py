@@ -9,8 +9,8 @@ never compiles again.
 
 The KV cache is a ring: every decode step writes slot `end % S` of every row, and each row's mask
 says which of its slots are live. A request occupies at most `prompt bucket + max_tokens` slots,
-so it never overwrites its own prompt; what a slot's previous request left there is masked (and
-zeroed in attention), so a refilled slot sees no trace of it.
+so it never overwrites its own prompt; what a slot's previous request left there is overwritten
+with zeros on admission and masked, so a refilled slot sees no trace of it.
 
 Sampling settings are per request (vLLM's `SamplingParams` list): temperature, top_k, top_p,
 seed, stop tokens, max_tokens, ignore_eos, n. Row r of prompt i is keyed `fold_in(key(seed),
@@ -222,8 +222,9 @@ def empty_state(config, shape: EngineShape) -> EngineState:
 def admit(graphdef, params, state: EngineState, prompt_tokens, prompt_mask, source, slots, row_keys,
           settings: SlotSettings, shape: EngineShape) -> EngineState:
     """Prefill the left-padded prompts [K, P] once, copy each one's keys and values into the slots
-    that sample it (`source[m]` is the prompt of admitted row m, `slots[m]` its slot; a slot index
-    >= B pads the admission bucket and is dropped), and sample every admitted row's first token."""
+    that sample it (`source[m]` is the prompt of admitted row m, `slots[m]` its slot; rows that pad
+    the admission bucket come last, with slot index B, and are dropped), and sample every admitted
+    row's first token."""
     model = nnx.merge(graphdef, params)
     row_keys = jax.random.wrap_key_data(row_keys)  # raw uint32 key data [M, 2] from the host
     k, p = prompt_tokens.shape
