@@ -592,10 +592,8 @@ def _attention(q, k, v, allowed):
 
 
 def _write_slots(cache, new, end):
-    """cache [B, KVH, S, D] with `new` [B, KVH, T, D] written at slots [end, end + T), in place.
-
-    A 16-bit cache is updated as raw bits: XLA moves the float32 -> bfloat16 conversion of `new`
-    past the update, which then rewrites the whole cache through float32 at every step."""
+    """cache [B, KVH, S, D] with `new` [B, KVH, T, D] written at slots [end, end + T), in place
+    (a 16-bit cache as raw bits, `as_raw_bits`)."""
     return as_raw_bits(partial(jax.lax.dynamic_update_slice, start_indices=(0, 0, end, 0)), cache,
                        new.astype(cache.dtype))
 
@@ -919,7 +917,7 @@ def compute_dtype_params(params, dtype):
     """`params` (a pytree) with every floating array wider than the compute `dtype` cast to it.
 
     The forward pass casts each parameter to the compute dtype where it uses it, so this changes no
-    result; a decode loop given these reads half the weight bytes, where XLA would otherwise
+    result; a decode loop given these converts no weight at any step, where XLA would otherwise
     convert every weight at every step (the casts are not hoisted out of a while loop). Where the
     CPU multiplies float32 copies of `dtype` operands (`dot_operands`), the cast values are kept
     as float32 (exactly): traced under `weights_hold_compute_values`, the matmuls then take them
